@@ -1,0 +1,35 @@
+"""adapt_compiler: parameter-efficient fine-tuning adapters compiled into the model's graph."""
+
+from .api import backend, compile, export, export_onnx, package
+from .module import AdaptedModule
+from .passes import METHODS
+from .passes.method import AdapterError, AdapterShapeError
+from .spec import AdapterSpec
+from .passes.lora import LoRA
+
+__all__ = [
+    "METHODS",
+    "AdaptedModule",
+    "AdapterError",
+    "AdapterShapeError",
+    "AdapterSpec",
+    "LoRA",
+    "backend",
+    "compile",
+    "export",
+    "export_onnx",
+    "package",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # method specs from method files registered after import (each file exports its spec class)
+    import importlib
+
+    for method in METHODS.values():
+        if method.spec_type.__name__ == name:
+            return method.spec_type
+    if name == "MiSS" and "bone" in METHODS:
+        return METHODS["bone"].spec_type
+    raise AttributeError(f"module 'adapt_compiler' has no attribute {name!r}")

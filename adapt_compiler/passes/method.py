@@ -1,0 +1,203 @@
+"""The contract every weight-level adapter method fulfils.
+
+A method is one file under ``adapt_compiler/passes/`` that defines a spec dataclass (subclass of
+:class:`adapt_compiler.spec.AdapterSpec`) and a subclass of :class:`WeightMethod`, then registers it
+with ``register(...)``. The pipeline never special-cases a method: it asks the method to
+
+* ``check`` a target layer (raise :class:`AdapterShapeError` naming ``layer.fqn`` and the fix),
+* ``init_params`` for that layer (PEFT's parameter names, PEFT's init),
+* evaluate the adapted layer (``forward`` on the activation side, ``merged_weight`` on the weight
+  side: ``layer.base(x, *merged_weight(...))``), and the lowering picks between the two with
+  ``cost`` (sympy FLOP counts over the symbolic token count),
+* merge (``merged_weight`` under no_grad) and map params to PEFT state-dict keys.
+
+Weights are always seen in canonical layout: Linear and HF Conv1D as (d_out, d_in) (Conv1D is
+transposed for the method and back for the model), Conv2d as (d_out, d_in/groups, kh, kw),
+Embedding as (num_embeddings, dim).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+
+class AdapterError(ValueError):
+    """Bad adapter input, raised at compile time, before anything the user owns is changed."""
+
+
+class AdapterShapeError(AdapterError):
+    """A target layer has a shape the method cannot take."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What a method needs to know about one target layer (never the module itself)."""
+
+    fqn: str
+    kind: str  # "linear" | "conv2d" | "embedding"
+    weight_shape: tuple[int, ...]  # canonical layout (see module docstring)
+    has_bias: bool
+    dtype: torch.dtype
+    transposed: bool = False  # HF Conv1D: stored as (d_in, d_out)
+    stride: tuple[int, int] = (1, 1)
+    padding: Any = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    embed_scale: float | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[1] if self.kind == "embedding" else self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """d_in as the adapter sees it: Conv2d counts d_in (not d_in/groups · k · k)."""
+        if self.kind == "embedding":
+            return self.weight_shape[0]
+        if self.kind == "conv2d":
+            return self.weight_shape[1] * self.groups
+        return self.weight_shape[1]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.weight_shape[2:]) if self.kind == "conv2d" else (1, 1)
+
+    def base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The frozen layer's own op with a (possibly adapted) canonical weight."""
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "conv2d":
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.kind == "embedding":
+            return F.embedding(x, weight, self.padding_idx, self.max_norm)
+        raise AssertionError(self.kind)
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias=None, **overrides) -> torch.Tensor:
+        """F.conv2d with this layer's geometry, optionally overridden (e.g. groups=1, 1x1 stride)."""
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        kw.update(overrides)
+        return F.conv2d(x, weight, bias, **kw)
+
+
+class WeightMethod:
+    """Base class of one-weight adapter methods. Subclasses override what differs."""
+
+    name: ClassVar[str]  # registry key, e.g. "lora"
+    peft_type: ClassVar[str]  # PEFT's PeftType value, e.g. "LORA"
+    spec_type: ClassVar[type]
+    kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    # "additive": y = base(x) + delta(x); "multiplicative": W' = f(W); "none": not mergeable
+    merge_kind: ClassVar[str] = "additive"
+    # params that are state, not trained (e.g. AdaLoRA's ranknum): registered as buffers
+    buffer_names: ClassVar[frozenset[str]] = frozenset()
+
+    # -- shapes and init -------------------------------------------------------------------
+    def check(self, spec, layer: Layer) -> None:
+        """Raise AdapterShapeError naming layer.fqn and the fix if the layer cannot be adapted."""
+        if layer.kind not in self.kinds:
+            raise AdapterShapeError(
+                f"{layer.fqn}: {self.name} does not support {layer.kind} layers "
+                f"(supported: {', '.join(sorted(self.kinds))}); exclude it from `targets`."
+            )
+
+    def init_params(self, spec, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- evaluation ------------------------------------------------------------------------
+    def delta(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], x, weight, training: bool):
+        """Additive methods: the adapter's contribution to the output (activation side)."""
+        raise NotImplementedError
+
+    def forward(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], x, weight, bias, training: bool):
+        """The adapted layer evaluated on the activation side."""
+        return layer.base(x, weight, bias) + self.delta(spec, layer, p, x, weight, training)
+
+    def delta_weight(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], weight) -> torch.Tensor:
+        """Additive methods: ΔW in canonical layout (differentiable)."""
+        raise NotImplementedError
+
+    def merged_weight(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], weight, bias):
+        """(W', b') such that layer.base(x, W', b') equals forward in eval mode. Differentiable."""
+        if self.merge_kind == "none":
+            raise AdapterError(f"{layer.fqn}: {self.name} adapters cannot be merged into the weights.")
+        return weight + self.delta_weight(spec, layer, p, weight).to(weight.dtype), bias
+
+    def weight_side_ok(self, spec, training: bool) -> bool:
+        """Whether merged_weight gives the same training forward (false with input dropout etc.)."""
+        return self.merge_kind != "none"
+
+    # -- cost model ------------------------------------------------------------------------
+    def cost(self, spec, layer: Layer, tokens: sympy.Symbol) -> dict[str, sympy.Expr]:
+        """FLOPs of the adapter's extra work per order, as sympy expressions of `tokens`.
+
+        Keys are evaluation orders: "activation" (forward) and "weight" (rebuild W' then one
+        base GEMM, counted as the ΔW build plus the W+ΔW add). The base GEMM is common to both
+        and left out.
+        """
+        return {}
+
+    # -- PEFT interop ----------------------------------------------------------------------
+    def peft_key(self, param_name: str, layer: Layer) -> str | None:
+        """Suffix after the module path in PEFT's state dict (None: not saved)."""
+        return param_name
+
+    def to_peft_config(self, spec) -> dict:
+        raise NotImplementedError
+
+    def from_peft_config(self, config: dict):
+        raise NotImplementedError
+
+    # -- optional hooks ---------------------------------------------------------------------
+    def regularization_loss(self, spec, slots: list[tuple[Layer, Mapping[str, torch.Tensor]]]):
+        """A loss term the user adds (AdaLoRA, HRA orthogonality). None if the method has none."""
+        return None
+
+
+def spec_fields(spec) -> dict:
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+
+
+def matmul_flops(m, k, n):
+    return 2 * m * k * n
+
+
+class GraphMethod:
+    """Base class of structural methods (Llama-Adapter, X-LoRA): they rewrite the captured graph.
+
+    `setup(module, name, spec)` creates the parameters eagerly (in `module.graph_adapters[name]`,
+    an nn.Module) from the model's structure; `rewrite(gm, module, name, captured)` splices the
+    method into one captured graph (its params are reachable as `ac_graph_<name>.<path>`).
+    """
+
+    kind: ClassVar[str] = "graph"
+    name: ClassVar[str]
+    peft_type: ClassVar[str]
+    spec_type: ClassVar[type]
+    merge_kind: ClassVar[str] = "none"
+
+    def setup(self, module, name: str, spec) -> None:
+        raise NotImplementedError
+
+    def rewrite(self, gm, module, name: str, captured) -> None:
+        raise NotImplementedError
+
+    def state_dict(self, module, name: str) -> dict[str, torch.Tensor]:
+        """PEFT-format tensors (keys without the `base_model.model.` prefix)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def to_peft_config(self, spec) -> dict:
+        raise NotImplementedError
+
+    def from_peft_config(self, config: dict):
+        raise NotImplementedError

@@ -1,0 +1,89 @@
+"""PEFT as the numerical oracle: build the same adapter in PEFT, copy its (non-trivial) weights to ours,
+and compare outputs and adapter gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import adapt_compiler as ac
+
+
+def randomize_(module: torch.nn.Module, names: tuple[str, ...], seed: int = 0, scale: float = 0.1) -> None:
+    """Give every parameter whose name contains one of `names` non-trivial random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if any(k in n for k in names):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def peft_twin(model, peft_config, adapter_name: str = "default"):
+    """A PeftModel over a deep copy of `model` (PEFT modifies the model it wraps; ours must not)."""
+    import peft
+
+    return peft.get_peft_model(copy.deepcopy(model), peft_config, adapter_name=adapter_name)
+
+
+def ours_from_peft(model, peft_model, spec, lowering="eager", adapter_name="default", **kw):
+    """Our AdaptedModule with exactly the PEFT model's adapter weights."""
+    from peft import get_peft_model_state_dict
+
+    m = ac.compile(model, {adapter_name: spec}, lowering=lowering, **kw)
+    m.load_adapter_state_dict(get_peft_model_state_dict(peft_model, adapter_name=adapter_name), adapter_name)
+    return m
+
+
+def logits_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6, what="output"):
+    a, b = a.detach().float(), b.detach().float()
+    scale = max(1.0, b.abs().max().item())
+    err = (a - b).abs().max().item()
+    assert err <= atol + rtol * scale, f"{what}: max |Δ| = {err:.3e} (scale {scale:.3e})"
+
+
+def adapter_grads_peft(peft_model) -> dict[str, torch.Tensor]:
+    """PEFT's adapter gradients keyed like its saved state dict."""
+    from peft.utils.save_and_load import get_peft_model_state_dict
+
+    named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    keys = get_peft_model_state_dict(peft_model)
+    out = {}
+    for n, p in named.items():
+        for adapter in ("default",):
+            n2 = n.replace(f".{adapter}.", ".").removesuffix(f".{adapter}")
+            n2 = n2.replace("modules_to_save.", "")
+            for cand in (n2, n2.removesuffix(".weight")):
+                if cand in keys and p.grad is not None:
+                    out[cand] = p.grad
+                    break
+    return out
+
+
+def adapter_grads_ours(m, adapter_name="default") -> dict[str, torch.Tensor]:
+    from adapt_compiler.checkpoint import adapter_state_dict
+
+    sd = adapter_state_dict(m, adapter_name)
+    # adapter_state_dict returns detached tensors; map back to live params by identity of storage
+    live = {}
+    from adapt_compiler.checkpoint import _target_tensor
+
+    for k in sd:
+        t = _target_tensor(m, adapter_name, k)
+        if t.grad is not None:
+            live[k] = t.grad
+    return live
+
+
+def compare_grads(m, peft_model, adapter_name="default", rtol=1e-5, atol=1e-6):
+    ours, theirs = adapter_grads_ours(m, adapter_name), adapter_grads_peft(peft_model)
+    assert ours, "no adapter gradients on our side"
+    assert set(ours) == set(theirs), f"grad keys differ: {sorted(set(ours) ^ set(theirs))[:5]}"
+    for k in ours:
+        assert_close(ours[k], theirs[k], rtol=rtol, atol=atol, what=f"grad {k}")
