@@ -23,7 +23,8 @@ def peft_twin(model, peft_config, adapter_name: str = "default"):
     """A PeftModel over a deep copy of `model` (PEFT modifies the model it wraps; ours must not)."""
     import peft
 
-    return peft.get_peft_model(copy.deepcopy(model), peft_config, adapter_name=adapter_name)
+    # PEFT's new dropout modules start in train mode; follow the base model's mode like we do
+    return peft.get_peft_model(copy.deepcopy(model), peft_config, adapter_name=adapter_name).train(model.training)
 
 
 def ours_from_peft(model, peft_model, spec, lowering="eager", adapter_name="default", **kw):
