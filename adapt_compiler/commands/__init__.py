@@ -1,0 +1,1 @@
+"""Subcommands of the `adapt-compiler` CLI, one file each (see cli.py)."""
