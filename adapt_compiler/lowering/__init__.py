@@ -55,7 +55,8 @@ def choose_orders(module, gm: fx.GraphModule) -> None:
         tokens, expr = token_count(x.meta.get("val") if isinstance(x, fx.Node) else None, slot.layer)
         for name, method in slot.methods.items():
             spec = module.state.specs[name]
-            flops = method.cost(spec, slot.layer, cost.TOKENS)
+            flops = cost.with_training_and_traffic(method.cost(spec, slot.layer, cost.TOKENS), slot.layer,
+                                                   module.training)
             allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, module.training) else [])
             choice = cost.choose(flops, tokens, spec.order, allowed)
             slot.orders[name] = choice.order

@@ -25,6 +25,44 @@ class OrderChoice:
         return {k: float(sympy.sympify(v).subs(TOKENS, self.at_tokens)) for k, v in self.flops.items()}
 
 
+# Machine balance: FLOPs one byte of extra memory traffic is worth (CPU/GPU GEMMs are ~5-50 FLOP/B).
+FLOPS_PER_BYTE = 4
+
+
+def base_gemm_flops(layer, tokens):
+    """FLOPs of the frozen layer's own GEMM for `tokens` rows (conv: output pixels × patch size)."""
+    if layer.kind == "embedding":
+        return 0
+    k = layer.in_features // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return 2 * tokens * k * layer.out_features
+
+
+def weight_elements(layer) -> int:
+    n = 1
+    for d in layer.weight_shape:
+        n *= d
+    return n
+
+
+def with_training_and_traffic(flops: dict, layer, training: bool, dtype_bytes: int = 4) -> dict:
+    """Complete a method's forward-FLOP figures into per-step costs.
+
+    Weight side: W' is written and read once more per call (traffic), and in training the
+    gradient of W' is one more full GEMM (Tᵀ·x, as big as the base GEMM) plus the backward of the
+    ΔW build; the activation side's backward is about twice its forward.
+    """
+    out = dict(flops)
+    traffic = FLOPS_PER_BYTE * 2 * weight_elements(layer) * dtype_bytes
+    if "weight" in out:
+        w = sympy.sympify(out["weight"]) + traffic
+        if training:
+            w = 2 * w + base_gemm_flops(layer, TOKENS)
+        out["weight"] = w
+    if "activation" in out and training:
+        out["activation"] = 3 * sympy.sympify(out["activation"])
+    return out
+
+
 def choose(flops: dict, tokens: int, forced: str = "auto", allowed=("activation", "weight")) -> OrderChoice:
     """Pick the cheaper order at `tokens` (or the forced one)."""
     options = {k: sympy.sympify(v) for k, v in flops.items() if k in allowed}

@@ -1,0 +1,284 @@
+"""Side-by-side benchmark: frozen base, PEFT eager, PEFT + torch.compile, adapt_compiler — in one run.
+
+    python -m benchmarks.run                    # every registered method, standard config
+    python -m benchmarks.run --methods lora,dora --steps 10
+
+Standard config: Llama from config, hidden 512, intermediate 1024, 4 layers, 8 heads, vocab 2000,
+batch 4 × 128 tokens, float32, 2 threads. Measured per method:
+  train   forward + backward + AdamW step on the adapter params (median ms)
+  infer   eval forward under no_grad, unmerged (median ms)
+  merged  eval forward with the adapter folded into the weights (ours: merge(); PEFT: merge_and_unload)
+  saved   bytes saved for backward in one training step (activation memory, via saved_tensors_hooks)
+Ratios are against the frozen-base step (no adapter; forward + backward to the input embeddings)
+and the base eager forward. Results: benchmarks/results.json, results.md, ratios.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def standard_model(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=2000, max_position_embeddings=512, use_cache=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def standard_batch(batch=4, seq=128, vocab=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def timeit(fn, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def saved_bytes(fn) -> int:
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def randomize(params, seed=0, scale=0.02):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def train_step_fn(module, params, batch):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        out = module(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_fn(module, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def run():
+        with torch.no_grad():
+            module(**inputs)
+
+    return run
+
+
+def frozen_base(model, batch, steps):
+    base = copy.deepcopy(model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    emb = base.get_input_embeddings()
+
+    def step():
+        x = emb(batch["input_ids"]).detach().requires_grad_()
+        base(inputs_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+
+    compiled = torch.compile(base)
+
+    def infer_c():
+        with torch.no_grad():
+            compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    return {
+        "train_ms": timeit(step, steps),
+        "infer_ms": timeit(infer_fn(base, batch), steps),
+        "infer_compiled_ms": timeit(infer_c, steps),
+        "saved_bytes": saved_bytes(step),
+    }
+
+
+def bench_peft(model, peft_cfg, batch, steps, compiled: bool):
+    import peft
+
+    pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg()).train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    randomize(params)
+    runner = torch.compile(pm) if compiled else pm
+    step = train_step_fn(runner, params, batch)
+    res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
+    pm.eval()
+    res["infer_ms"] = timeit(infer_fn(runner, batch), steps)
+    try:
+        merged = pm.merge_and_unload()
+        merged_runner = torch.compile(merged) if compiled else merged
+        res["merged_ms"] = timeit(infer_fn(merged_runner, batch), steps)
+    except Exception as err:  # noqa: BLE001 - methods without a merge
+        res["merged_ms"] = None
+        res["merge_error"] = type(err).__name__
+    return res
+
+
+def bench_ours(model, spec, batch, steps):
+    import adapt_compiler as ac
+
+    m = ac.compile(model, spec()).train()
+    params = m.adapter_parameters()
+    randomize(params)
+    step = train_step_fn(m, params, batch)
+    res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
+    m.eval()
+    res["infer_ms"] = timeit(infer_fn(m, batch), steps)
+    try:
+        m.merge()
+        res["merged_ms"] = timeit(infer_fn(m, batch), steps)
+        m.unmerge()
+    except ac.AdapterError:
+        res["merged_ms"] = None
+    res["orders"] = sorted({r.order for r in m.report().rows})
+    return res
+
+
+def main(argv=None):
+    from .methods import configs
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=None, help="comma-separated subset (default: all registered)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-peft-compile", action="store_true")
+    parser.add_argument("--out", default=str(HERE))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model, batch = standard_model(), standard_batch()
+    table = configs()
+    wanted = args.methods.split(",") if args.methods else list(table)
+    results = {"config": {"hidden": 512, "layers": 4, "batch": "4x128", "threads": args.threads,
+                          "torch": torch.__version__}}
+    print("frozen base ...", flush=True)
+    results["base"] = base = frozen_base(model, batch, args.steps)
+    print(f"  base: train {base['train_ms']:.1f} ms, infer {base['infer_ms']:.1f} ms", flush=True)
+    for name in wanted:
+        spec, peft_cfg = table[name]
+        row = {}
+        for label, fn in [("ours", lambda: bench_ours(model, spec, batch, args.steps)),
+                          ("peft_eager", lambda: bench_peft(model, peft_cfg, batch, args.steps, False)),
+                          ("peft_compile", lambda: bench_peft(model, peft_cfg, batch, args.steps, True))]:
+            if label == "peft_compile" and args.no_peft_compile:
+                continue
+            print(f"{name}: {label} ...", flush=True)
+            try:
+                row[label] = fn()
+            except Exception as err:  # noqa: BLE001 - a failing peer is reported, not fatal
+                row[label] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            torch._dynamo.reset()
+            gc.collect()
+        results[name] = row
+        print("  " + summary_line(name, row, base), flush=True)
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.md").write_text(markdown_table(results))
+    plot(results, out / "ratios.png")
+    print(markdown_table(results))
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def summary_line(name, row, base):
+    ours = row.get("ours", {})
+    parts = [f"{name}:"]
+    for label in ("ours", "peft_eager", "peft_compile"):
+        r = row.get(label, {})
+        if "train_ms" in r:
+            parts.append(f"{label} train {r['train_ms'] / base['train_ms']:.2f}x")
+    if "infer_ms" in ours:
+        parts.append(f"ours infer {ours['infer_ms'] / base['infer_ms']:.2f}x")
+    return " ".join(parts)
+
+
+def _fmt(x):
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def markdown_table(results) -> str:
+    base = results["base"]
+    lines = [
+        f"Frozen base: train step {base['train_ms']:.1f} ms, eager forward {base['infer_ms']:.1f} ms, "
+        f"compiled forward {base['infer_compiled_ms']:.1f} ms "
+        f"({results['config']['threads']} threads, torch {results['config']['torch']}).",
+        "",
+        "| method | train: ours | PEFT eager | PEFT compile | infer unmerged: ours | PEFT eager | merged: ours "
+        "| PEFT eager | saved-for-backward: ours / PEFT | order |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        if name in ("config", "base") or not isinstance(row, dict):
+            continue
+        o, pe, pc = row.get("ours", {}), row.get("peft_eager", {}), row.get("peft_compile", {})
+        mem = _ratio(o.get("saved_bytes"), pe.get("saved_bytes"))
+        lines.append(
+            f"| {name} | {_fmt(_ratio(o.get('train_ms'), base['train_ms']))} "
+            f"| {_fmt(_ratio(pe.get('train_ms'), base['train_ms']))} "
+            f"| {_fmt(_ratio(pc.get('train_ms'), base['train_ms']))} "
+            f"| {_fmt(_ratio(o.get('infer_ms'), base['infer_ms']))} "
+            f"| {_fmt(_ratio(pe.get('infer_ms'), base['infer_ms']))} "
+            f"| {_fmt(_ratio(o.get('merged_ms'), base['infer_ms']))} "
+            f"| {_fmt(_ratio(pe.get('merged_ms'), base['infer_ms']))} "
+            f"| {_fmt(mem)} | {','.join(o.get('orders', []))} |"
+        )
+    lines.append("")
+    lines.append("Train ratios: step time / frozen-base step. Inference ratios: forward time / base eager forward.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    base = results["base"]
+    names = [n for n in results if n not in ("config", "base")]
+    labels = ["ours", "peft_eager", "peft_compile"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.6))
+    width = 0.27
+    for i, label in enumerate(labels):
+        vals = [(results[n].get(label, {}).get("train_ms") or float("nan")) / base["train_ms"] for n in names]
+        ax.bar([j + (i - 1) * width for j in range(len(names))], vals, width, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("train step / frozen base")
+    ax.set_title("Training step time relative to the frozen base (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
