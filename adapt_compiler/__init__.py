@@ -1,5 +1,6 @@
 """adapt_compiler: parameter-efficient fine-tuning adapters compiled into the model's graph."""
 
+from . import export as _export_module  # noqa: F401 - loaded first so `ac.export` stays the function
 from .api import backend, compile, export, export_onnx, package
 from .module import AdaptedModule
 from .passes import METHODS

@@ -76,16 +76,16 @@ def export(m: AdaptedModule, args=(), kwargs=None, merge: bool = True, dynamic: 
     return export_program(m, args, kwargs, merge=merge, dynamic=dynamic)
 
 
-def package(ep, path):
+def package(ep, path, force: bool = False):
     from .export import package_program
 
-    return package_program(ep, path)
+    return package_program(ep, path, force=force)
 
 
-def export_onnx(m: AdaptedModule, args=(), path="model.onnx", kwargs=None):
+def export_onnx(m: AdaptedModule, args=(), path="model.onnx", kwargs=None, force: bool = False):
     from .export import export_onnx as _export_onnx
 
-    return _export_onnx(m, args, path, kwargs=kwargs)
+    return _export_onnx(m, args, path, kwargs=kwargs, force=force)
 
 
 def backend(spec_or_dir=None, merge: bool = False):

@@ -42,6 +42,7 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({err}); re-save the adapter.") from err
     if "peft_type" not in config:
         raise CheckpointError(f"{cfg_file}: no 'peft_type' field; is this a PEFT adapter config?")
+    config["_ac_dir"] = str(path)  # paths inside a config (X-LoRA's experts) are relative to it
     return config
 
 
@@ -86,19 +87,32 @@ def spec_from_config(config: dict, where: str = CONFIG_NAME):
 
 
 def spec_from_dir(path):
-    return spec_from_config(read_config(path), str(Path(path) / CONFIG_NAME))
+    spec = spec_from_config(read_config(path), str(Path(path) / CONFIG_NAME))
+    return fit_spec_to_tensors(spec, read_tensors(path))
+
+
+def fit_spec_to_tensors(spec, tensors: dict):
+    """Where a checkpoint's config and its tensors disagree (PEFT's CPU BOFT saves N=1 tensors under
+    N>1; PEFT's OFT saves the requested block size after moving it), the tensors' shapes win."""
+    fit = getattr(method_for(spec), "spec_from_tensors", None)  # graph methods have none
+    return fit(spec, tensors) if fit else spec
 
 
 # -- state dicts ------------------------------------------------------------------------------
-def adapter_state_dict(module, name: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(module, name: str, live: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of adapter `name`; `live=True`: the in-memory shapes (before `saved_tensors`)."""
     if name not in module.state.specs:
         raise AdapterError(f"no adapter named {name!r}; known: {list(module.state.specs)}.")
-    method = method_for(module.state.specs[name])
+    spec = module.state.specs[name]
+    method = method_for(spec)
     out: dict[str, torch.Tensor] = {}
     if isinstance(method, GraphMethod):
-        out.update({PREFIX + k: v for k, v in method.state_dict(module, name).items()})
+        out.update({method.key_prefix + k: v for k, v in method.state_dict(module, name).items()})
     for slot in module.slots_of(name):
-        for pname, t in slot.params(name).items():
+        params = slot.params(name)
+        if not live:
+            params = slot.methods[name].saved_tensors(spec, slot.layer, params)
+        for pname, t in params.items():
             key = slot.methods[name].peft_key(pname, slot.layer)
             if key is not None:
                 out[f"{PREFIX}{slot.layer.fqn}.{key}"] = t
@@ -110,14 +124,18 @@ def adapter_state_dict(module, name: str) -> dict[str, torch.Tensor]:
 
 
 def _expected(module, name: str) -> dict[str, torch.Tensor]:
-    return adapter_state_dict(module, name)
+    return adapter_state_dict(module, name, live=True)  # loads copy into the live tensors
 
 
 def load_adapter_state_dict(module, state_dict: dict, name: str, where: str = "state dict", hotswap=False) -> None:
     """Copy PEFT-keyed tensors into adapter `name`; validate everything first."""
     expected = _expected(module, name)
-    given = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in state_dict.items()}
+    method = method_for(module.state.specs[name])
+    own = getattr(method, "key_prefix", PREFIX)  # a graph method's keys may sit outside base_model.model.
+    given = {(k if k.startswith(PREFIX) or k.startswith(own) else PREFIX + k): v for k, v in state_dict.items()}
     given = {_strip_adapter_name(k, name): v for k, v in given.items()}
+    if not isinstance(method, GraphMethod):
+        given = {method.checkpoint_key(k): v for k, v in given.items()}  # e.g. legacy Bone keys
     # PEFT also saves the base embedding when it targets one (save_embedding_layers); the base is ours
     given = {k: v for k, v in given.items() if ".base_layer." not in k}
     missing = sorted(set(expected) - set(given))
@@ -144,7 +162,7 @@ def load_adapter_state_dict(module, state_dict: dict, name: str, where: str = "s
         raise CheckpointError(f"{where}: refused: NaN/Inf values in {', '.join(nonfinite[:5])}.")
     method = method_for(module.state.specs[name])
     if isinstance(method, GraphMethod):
-        method.load_state_dict(module, name, {k[len(PREFIX):]: v for k, v in given.items()})
+        method.load_state_dict(module, name, {k[len(own):]: v for k, v in given.items() if k.startswith(own)})
     with torch.no_grad():
         for k, t in expected.items():
             src = given[k].to(t.dtype)
@@ -176,8 +194,8 @@ def _target_tensor(module, name: str, key: str) -> torch.Tensor:
         if name in saved.copies and rest.startswith(saved.fqn + "."):
             return saved.copies[name].state_dict(keep_vars=True)[rest[len(saved.fqn) + 1:]]
     method = method_for(module.state.specs[name])
-    if isinstance(method, GraphMethod):
-        return method.state_dict(module, name)[rest]
+    if isinstance(method, GraphMethod) and key.startswith(method.key_prefix):
+        return method.state_dict(module, name)[key[len(method.key_prefix):]]
     raise KeyError(key)
 
 
@@ -205,13 +223,24 @@ def peft_config(module, name: str) -> dict:
     return config
 
 
-def _atomic_write(path: Path, write) -> None:
+def _write_temp(path: Path, write) -> str:
+    """Write via `write(tmp)` to a temporary file next to `path` (fsynced); return its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -239,20 +268,41 @@ def save_adapter(module, path, adapter_name: str | None = None) -> None:
             raise CheckpointError(f"{target}: not writable; choose a writable path.")
     from safetensors.torch import save_file
 
-    for target, n, tensors, config in payloads:
-        _atomic_write(target / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        _atomic_write(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
+    # every file is staged first and renamed only once all are written: an interrupted save
+    # (an error or Ctrl-C while writing) leaves the previous weights *and* config in place
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, n, tensors, config in payloads:
+            text = json.dumps(config, indent=2, default=str)
+            staged.append((_write_temp(target / WEIGHTS_NAME,
+                                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                           target / WEIGHTS_NAME))
+            staged.append((_write_temp(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text)),
+                           target / CONFIG_NAME))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        for target, n, _, _ in payloads:  # a graph method's extra files (X-LoRA's expert folders)
+            method = method_for(module.state.specs[n])
+            if isinstance(method, GraphMethod):
+                method.save_files(module, n, target)
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
 
 
 def load_adapter(module, path, name: str, hotswap: bool = False) -> None:
     config = read_config(path)
-    spec = spec_from_config(config, str(Path(path) / CONFIG_NAME))
     tensors = read_tensors(path)
+    spec = fit_spec_to_tensors(spec_from_config(config, str(Path(path) / CONFIG_NAME)), tensors)
     if hotswap:
         if name not in module.state.specs:
             raise AdapterError(f"hotswap: no adapter named {name!r} to replace; known: {list(module.state.specs)}.")
+        from .lowering.hotswap import check_hotswap, rescale_after_hotswap
+
+        check_hotswap(module, name, spec)  # before any tensor is touched
         load_adapter_state_dict(module, tensors, name, where=str(path), hotswap=True)
-        from .lowering.hotswap import rescale_after_hotswap
 
         rescale_after_hotswap(module, name, spec)
         return

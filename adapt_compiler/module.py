@@ -61,6 +61,7 @@ class AdaptedModule(nn.Module):
         self._frozen: dict[str, torch.Tensor] = {}  # FQN -> frozen tensor (tied weights share one)
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
         self._graphs: dict = {}
+        self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
         self._enabled = True
         self._merged = False
         self._freeze_base(model)
@@ -91,6 +92,8 @@ class AdaptedModule(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r}).")
         method = method_for(spec)
         model = self._model
+        for target in spec.modules_to_save or []:  # validated before anything is created
+            self._saved_module_fqns(target)
         if getattr(method, "kind", "weight") == "graph":
             method.setup(self, name, spec)
         else:
@@ -112,7 +115,10 @@ class AdaptedModule(nn.Module):
         for fqn in spec.modules_to_save or []:
             self._add_saved_module(name, fqn)
         self.state.specs[name] = spec
-        self._graphs.clear()  # the adapted graphs change; base captures could be kept, but are cheap
+        for n, p in self._adapter_tensors():  # like PEFT: an adapter that is not active is frozen
+            if n == name:
+                p.requires_grad_(name in self.state.active)
+        self.invalidate_graphs()  # the adapted graphs change; base captures could be kept, but are cheap
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.state.specs:
@@ -133,14 +139,23 @@ class AdaptedModule(nn.Module):
             del self.graph_adapters[name]
         del self.state.specs[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
-        self._graphs.clear()
+        self.invalidate_graphs()
 
-    def _add_saved_module(self, name: str, target: str) -> None:
+    def _saved_module_fqns(self, target: str) -> list[str]:
         modules = dict(self._model.named_modules())
         hits = [f for f in modules if f and (f == target or f.endswith("." + target))]
         if not hits:
-            raise AdapterError(f"modules_to_save: no module named {target!r}; names end with e.g. 'classifier'.")
-        for fqn in hits:
+            import difflib
+
+            leaves = sorted({f.split(".")[-1] for f in modules if f})
+            close = difflib.get_close_matches(str(target).split(".")[-1], leaves, n=5, cutoff=0.4)
+            hint = f"close module names: {', '.join(close)}" if close else f"module names include: {', '.join(leaves[:12])}"
+            raise AdapterError(f"modules_to_save: no module named {target!r}; {hint}.")
+        return hits
+
+    def _add_saved_module(self, name: str, target: str) -> None:
+        modules = dict(self._model.named_modules())
+        for fqn in self._saved_module_fqns(target):
             key = slot_key(fqn)
             if key not in self.saved:
                 self.saved[key] = SavedModuleSlot(fqn, self.state)
@@ -152,6 +167,12 @@ class AdaptedModule(nn.Module):
     def _canonical_weight(self, fqn: str, layer) -> torch.Tensor:
         w = self._frozen[fqn + ".weight"]
         return w.t() if layer.transposed else w
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """DDP skips these: the frozen base is neither broadcast at wrap time nor with the buffers each
+        step, so only adapter tensors are communicated. Every rank must load the same base weights."""
+        return [f"base.{n}" for n, _ in [*self.base.named_parameters(), *self.base.named_buffers()]]
 
     # -- adapter selection -----------------------------------------------------------------
     @property
@@ -204,7 +225,10 @@ class AdaptedModule(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names=None, **kwargs):
+        if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
+            return self._traced_forward(args, kwargs, adapter_names)
         entry = self._graphs_for(args, kwargs)
+        self._traced[_structure_key(self.training, args, kwargs)] = entry
         variant = self._variant()
         if adapter_names is not None:
             from .lowering.mixed import check_adapter_names
@@ -213,6 +237,25 @@ class AdaptedModule(nn.Module):
             variant = "adapted"
         try:
             return self._lowered(entry, variant)(*args, **kwargs)
+        finally:
+            self.state.mixed = None
+
+    def _traced_forward(self, args, kwargs, adapter_names):
+        """forward under Dynamo: no capture, no nested torch.compile; the already-built graph is inlined."""
+        entry = self._traced.get(_structure_key(self.training, args, kwargs))
+        variant = self._variant() if adapter_names is None else "adapted"
+        gm = None if entry is None else entry.variants.get(variant)
+        if gm is None:
+            raise AdapterError(
+                f"torch.compile(AdaptedModule): no {variant!r} graph for these inputs yet; call the module once "
+                f"eagerly with inputs of this structure (or ac.compile(..., example_inputs=...)) before compiling."
+            )
+        if adapter_names is not None:
+            from .lowering.mixed import check_adapter_names
+
+            self.state.mixed = check_adapter_names(self, adapter_names, args, kwargs)
+        try:
+            return gm(*args, **kwargs)
         finally:
             self.state.mixed = None
 
@@ -227,7 +270,10 @@ class AdaptedModule(nn.Module):
         for entry in entries:
             if capture_mod.fits(entry.captured, args, kwargs):
                 return entry
-        entry = _Graphs(capture_mod.capture(self._model, args, kwargs, self.training))
+        from .progress import status
+
+        with status(f"capturing {type(self._model).__name__} ({'train' if self.training else 'eval'}) with torch.export"):
+            entry = _Graphs(capture_mod.capture(self._model, args, kwargs, self.training))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
@@ -239,6 +285,7 @@ class AdaptedModule(nn.Module):
         for training in (mode,):
             self.train(training)
             entry = self._graphs_for(tuple(args), kwargs)
+            self._traced[_structure_key(training, tuple(args), kwargs)] = entry
             self._build(entry, "adapted")
         self.train(mode)
 
@@ -358,6 +405,14 @@ class AdaptedModule(nn.Module):
                 total = term if total is None else total + term
         return total if total is not None else torch.zeros(())
 
+    def xlora_scalings(self):
+        """X-LoRA: the scalings (batch, seq, n_layers, n_experts) of the last call (PEFT's get_latest_scalings)."""
+        for name in self.state.active:
+            method = method_for(self.state.specs[name])
+            if hasattr(method, "latest_scalings"):
+                return method.latest_scalings(self, name)
+        raise AdapterError("xlora_scalings: no active X-LoRA adapter.")
+
     def update_and_allocate(self, global_step: int) -> None:
         """AdaLoRA's rank allocation step (call after optimizer.step(), before zero_grad())."""
         done = False
@@ -382,6 +437,13 @@ class AdaptedModule(nn.Module):
 
     def invalidate_graphs(self) -> None:
         self._graphs.clear()
+        self._traced.clear()
+
+
+def _structure_key(training: bool, args: tuple, kwargs: dict) -> tuple:
+    """A key Dynamo can compute and hash (pytree specs it cannot): mode, arg count, kwarg names, ranks."""
+    values = (*args, *kwargs.values())
+    return training, len(args), tuple(kwargs), tuple(v.dim() if isinstance(v, torch.Tensor) else None for v in values)
 
 
 def _get_path(root: nn.Module, path: str):

@@ -1,7 +1,17 @@
-"""report(): what matched where, parameters added, and the evaluation order the cost model chose."""
+"""report(): what matched where, parameters added, and the evaluation order the cost model chose.
+
+`build_report(module)` reads the AdaptedModule's slots (one per adapted layer) and the cost model's
+choices recorded there when a graph was captured (`lowering.choose_orders`). The `Report` prints as
+plain text (`str(rep)`) or as a rich table (`rep.print()`, `rep.to_rich()`, `rich.print(rep)`).
+
+"Unmatched" layers are the near misses: modules of the same class as a targeted layer (so the
+method could adapt them) that no adapter targets, grouped by name pattern, each with the reason
+(not in `targets`, `exclude`, `layers_to_transform`, `modules_to_save`, the output head).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .passes import COUNTERS
@@ -19,6 +29,28 @@ class LayerRow:
     flops: dict  # order -> FLOPs at the captured token count
     tokens: str  # symbolic token count of the captured graph
     crossover: float | None
+    at_tokens: int | None = None  # the (hinted) token count the order was chosen for
+
+
+@dataclass
+class SavedRow:
+    """A `modules_to_save` copy: a whole module trained (and saved) per adapter."""
+
+    adapter: str
+    fqn: str
+    params: int
+
+
+@dataclass
+class UnmatchedRow:
+    """Layers of a targeted class that an adapter does not adapt (grouped by name pattern)."""
+
+    adapter: str
+    pattern: str  # FQN with layer indices replaced by '*'
+    count: int
+    module_type: str
+    weight_shape: tuple
+    reason: str
 
 
 @dataclass
@@ -30,20 +62,38 @@ class Report:
     kernel: str = ""
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
+    saved: list[SavedRow] = field(default_factory=list)
+    unmatched: list[UnmatchedRow] = field(default_factory=list)
+    adapters: dict = field(default_factory=dict)  # name -> (method, params of all its tensors)
+    active: tuple = ()
+    model_name: str = ""
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / max(self.base_params, 1)
 
+    @property
+    def adapter_params(self) -> int:
+        """Parameters of all adapters (active or not): layer rows + modules_to_save + graph-level."""
+        return (
+            sum(r.params for r in self.rows)
+            + sum(s.params for s in self.saved)
+            + sum(n for _, n in self.graph_adapters.values())
+        )
+
+    # -- plain text ------------------------------------------------------------------------------
     def __str__(self) -> str:
         lines = [f"{'adapter':<10} {'method':<8} {'layer':<44} {'shape':<18} {'params':>9}  order"]
         for r in self.rows:
             extra = ""
             if r.flops:
-                extra = "  (" + ", ".join(f"{k} {v / 1e6:.2f} MFLOP" for k, v in r.flops.items()) + f" at T={r.tokens})"
+                t = r.at_tokens if r.at_tokens is not None else r.tokens
+                extra = "  (" + ", ".join(f"{k} {v / 1e6:.2f} MFLOP" for k, v in r.flops.items()) + f" at T={t})"
             lines.append(
                 f"{r.adapter:<10} {r.method:<8} {r.fqn:<44} {str(tuple(r.weight_shape)):<18} {r.params:>9}  {r.order}{extra}"
             )
+        for s in self.saved:
+            lines.append(f"{s.adapter:<10} {'saved':<8} {s.fqn:<44} {'(modules_to_save)':<18} {s.params:>9}")
         for name, (method, n) in self.graph_adapters.items():
             lines.append(f"{name:<10} {method:<8} {'(graph-level)':<44} {'':<18} {n:>9}")
         lines.append(
@@ -52,14 +102,111 @@ class Report:
         )
         return "\n".join(lines)
 
-    def print(self) -> None:
-        print(self)
+    # -- rich -------------------------------------------------------------------------------------
+    def to_rich(self, unmatched: bool = False):
+        """A rich renderable: the layer table, totals, and (optionally) the unmatched layers."""
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        several = len(self.adapters) > 1
+        table = Table(
+            title=f"adapt_compiler: {self.model_name}" if self.model_name else "adapt_compiler",
+            caption="T = tokens per call at capture (batch × seq, or batch × pixels); "
+            "T* = where the two orders cost the same",
+            show_footer=True,
+            header_style="bold",
+        )
+        if several:
+            table.add_column("adapter", footer="")
+        table.add_column("method", footer="")
+        table.add_column("layer", footer="total", overflow="fold")
+        table.add_column("shape", footer="")
+        table.add_column("params", justify="right", footer=f"{self.adapter_params:,}")
+        table.add_column("order", footer="")
+        table.add_column("FLOPs compared", footer="")
+        table.add_column("T*", justify="right", footer="")
+        for r in self.rows:
+            cells = [r.method, r.fqn, _shape(r.weight_shape), f"{r.params:,}", r.order, _flops_text(r), _crossover(r)]
+            table.add_row(*([r.adapter] if several else []), *cells)
+        for s in self.saved:
+            cells = ["modules_to_save", s.fqn, "(whole module)", f"{s.params:,}", "-", "", ""]
+            table.add_row(*([s.adapter] if several else []), *cells)
+        for name, (method, n) in self.graph_adapters.items():
+            cells = [method, "(graph-level)", "", f"{n:,}", "-", "", ""]
+            table.add_row(*([name] if several else []), *cells)
+
+        totals = Text()
+        totals.append("trainable params: ", style="bold")
+        totals.append(f"{self.trainable_params:,}")
+        totals.append(f" ({self.trainable_percent:.3f}% of {self.base_params:,} base params)")
+        if several:
+            totals.append("\nadapters: " + ", ".join(
+                f"{n} ({m}, {p:,}{', active' if n in self.active else ''})" for n, (m, p) in self.adapters.items()
+            ))
+        totals.append(f"\nlowering: {self.lowering} | LoRA kernel: {self.kernel}")
+        parts = [table, totals]
+        if unmatched:
+            parts.append(self._unmatched_table())
+        return Group(*parts)
+
+    def _unmatched_table(self):
+        from rich.table import Table
+
+        table = Table(title="close but not targeted", header_style="bold")
+        several = len(self.adapters) > 1
+        if several:
+            table.add_column("adapter")
+        for col in ("layer", "count", "type", "shape", "why"):
+            table.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
+        for u in self.unmatched:
+            cells = [u.pattern, str(u.count), u.module_type, _shape(u.weight_shape), u.reason]
+            table.add_row(*([u.adapter] if several else []), *cells)
+        if not self.unmatched:
+            table.add_row(*([""] if several else []), "(none: every layer of the targeted kinds is adapted)", "", "", "", "")
+        return table
+
+    def __rich__(self):
+        return self.to_rich()
+
+    def print(self, unmatched: bool = False, console=None) -> None:
+        from rich.console import Console
+
+        if console is None:
+            console = Console()
+            if not console.is_terminal:  # a pipe or a log: wide enough that layer names stay on one line
+                console = Console(width=max(console.width, 160))
+        console.print(self.to_rich(unmatched=unmatched))
 
 
+def _shape(shape) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def _si(x: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _flops_text(r: LayerRow) -> str:
+    if not r.flops:
+        return "-"
+    t = f" @T={r.at_tokens}" if r.at_tokens is not None else ""
+    return " vs ".join(f"{k} {_si(v)}" for k, v in r.flops.items()) + t
+
+
+def _crossover(r: LayerRow) -> str:
+    return "-" if r.crossover is None else f"{r.crossover:,.0f}"
+
+
+# -- building ---------------------------------------------------------------------------------
 def build_report(module) -> Report:
     from .lowering import kernel_backend
 
-    rep = Report(lowering=module.lowering, counters=dict(COUNTERS))
+    rep = Report(lowering=module.lowering, counters=dict(COUNTERS), active=tuple(module.state.active),
+                 model_name=type(module._model).__name__)
     for slot in module.slots.values():
         for name, method in slot.methods.items():
             info = slot.costs.get(name)
@@ -76,12 +223,71 @@ def build_report(module) -> Report:
                     flops=choice.evaluated() if choice else {},
                     tokens=info["tokens_expr"] if info else "?",
                     crossover=choice.crossover if choice else None,
+                    at_tokens=choice.at_tokens if choice else None,
                 )
             )
+    for saved in module.saved.values():
+        for name, clone in saved.copies.items():
+            rep.saved.append(SavedRow(name, saved.fqn, sum(p.numel() for p in clone.parameters())))
     for name, holder in module.graph_adapters.items():
         rep.graph_adapters[name] = (module.state.specs[name].method, sum(p.numel() for p in holder.parameters()))
+    for name, spec in module.state.specs.items():
+        n = sum(r.params for r in rep.rows if r.adapter == name) + sum(s.params for s in rep.saved if s.adapter == name)
+        n += rep.graph_adapters.get(name, ("", 0))[1]
+        rep.adapters[name] = (spec.method, n)
+    rep.unmatched = find_unmatched(module)
     rep.trainable_params = sum(p.numel() for p in module.adapter_parameters())
     rep.base_params = sum(p.numel() for p in module._model.parameters())
     device = next(iter(module._frozen.values())).device if module._frozen else None
     rep.kernel = kernel_backend(device) if device is not None else "-"
     return rep
+
+
+def find_unmatched(module) -> list[UnmatchedRow]:
+    """Per weight-method adapter: modules of a targeted class that it does not adapt, and why."""
+    from .passes import method_for
+    from .passes.match import describe_layer, layer_kind
+    from .passes.method import GraphMethod
+    from .spec import DEFAULT_TARGETS, _output_head
+
+    model = module._model
+    modules = dict(model.named_modules())
+    head = _output_head(model)
+    out: list[UnmatchedRow] = []
+    for name, spec in module.state.specs.items():
+        method = method_for(spec)
+        if isinstance(method, GraphMethod):
+            continue
+        adapted = {s.layer.fqn for s in module.slots_of(name)}
+        classes = {type(modules[f]) for f in adapted if f in modules}
+        kinds = getattr(method, "kinds", frozenset())
+        targets = spec.targets
+        if targets is None:
+            targets = DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), [])
+        groups: dict[tuple, list[str]] = {}
+        for fqn, mod in modules.items():
+            if not fqn or fqn in adapted or type(mod) not in classes or layer_kind(mod) not in kinds:
+                continue
+            reason = _why_not(spec, fqn, targets, head)
+            shape = describe_layer(fqn, mod).weight_shape
+            groups.setdefault((re.sub(r"\.\d+\.", ".*.", fqn), type(mod).__name__, shape, reason), []).append(fqn)
+        for (pattern, tname, shape, reason), fqns in groups.items():
+            out.append(UnmatchedRow(name, pattern, len(fqns), tname, shape, reason))
+    return out
+
+
+def _why_not(spec, fqn: str, targets, head) -> str:
+    from .spec import is_target
+
+    plain = spec.replace(exclude=None, modules_to_save=None, layers_to_transform=None)
+    if spec.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", fqn) for m in spec.modules_to_save):
+        return "in modules_to_save (trained as a whole copy)"
+    if targets == "all-linear" and fqn == head:
+        return "output head (all-linear leaves it out)"
+    if not is_target(plain, fqn, targets):
+        return f"not in targets {targets!r}" if not isinstance(targets, str) else f"does not match regex {targets!r}"
+    if spec.exclude and not is_target(spec.replace(modules_to_save=None, layers_to_transform=None), fqn, targets):
+        return "excluded by `exclude`"
+    if spec.layers_to_transform is not None:
+        return f"layer index not in layers_to_transform={spec.layers_to_transform!r}"
+    return "not adapted"

@@ -71,6 +71,11 @@ class AdapterSlot(nn.Module):
     def evaluate(self, name: str, x, weight, bias):
         """One adapter's output on this layer, in the order the lowering chose."""
         method, spec, layer = self.methods[name], self.state.specs[name], self.layer
+        if self.orders[name] == "kernel" and x.is_cuda and method.name == "lora" and not (
+                self.training and getattr(spec, "dropout", 0.0)):
+            from .lowering.kernels import lora_kernel_forward  # fused Triton LoRA (CUDA)
+
+            return lora_kernel_forward(self, name, x, weight, bias)
         p = self.params(name)
         if self.orders[name] == "weight" and method.weight_side_ok(spec, self.training):
             # fold ΔW / the rotation into one GEMM: x·(W')ᵀ

@@ -44,6 +44,7 @@ def token_count(x_val, layer) -> tuple[int, str]:
 def choose_orders(module, gm: fx.GraphModule) -> None:
     """Record, per slot and adapter, the cheaper evaluation order for this graph's shapes."""
     from ..slots import AdapterSlot
+    from . import kernels
 
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -53,6 +54,8 @@ def choose_orders(module, gm: fx.GraphModule) -> None:
             continue
         x = node.args[0]
         tokens, expr = token_count(x.meta.get("val") if isinstance(x, fx.Node) else None, slot.layer)
+        x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        on_cuda = isinstance(x_val, torch.Tensor) and x_val.is_cuda
         for name, method in slot.methods.items():
             spec = module.state.specs[name]
             flops = cost.with_training_and_traffic(method.cost(spec, slot.layer, cost.TOKENS), slot.layer,
@@ -60,6 +63,8 @@ def choose_orders(module, gm: fx.GraphModule) -> None:
             allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, module.training) else [])
             choice = cost.choose(flops, tokens, spec.order, allowed)
             slot.orders[name] = choice.order
+            if choice.order == "activation" and on_cuda and kernels.kernel_applies(method, spec, slot.layer, module.training):
+                slot.orders[name] = "kernel"  # the fused Triton LoRA kernel (kernels/fused_lora.py)
             slot.costs[name] = {"choice": choice, "tokens_expr": expr}
 
 
@@ -73,11 +78,9 @@ def lower(gm: fx.GraphModule, how: str):
 
 def kernel_backend(device: torch.device) -> str:
     """Which implementation serves LoRA on this device (report)."""
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
+    from . import kernels
 
-            return "triton"
-        except ImportError:
-            return "inductor"
-    return "inductor-cpp"
+    if device.type == "cuda":
+        # fused LoRA on Linear slots (order "kernel" in the report rows), SGMV for mixed batches
+        return "triton (fused_lora_linear, multi_lora)" if kernels.HAVE_TRITON else "inductor"
+    return "inductor-cpp (reference ops)"

@@ -1,8 +1,8 @@
 """Merge-at-compile: fold the active adapters into the weights.
 
 Additive methods add ΔW; multiplicative ones (OFT, BOFT, HRA, MiSS-bat) replace W by their W'.
-The fold is computed in float32 and cast back to the weight's dtype. The originals are kept
-(returned to the module), so unmerge is an assignment, bit-exact by construction.
+The fold is computed in float32 (float64 weights: float64) and cast back to the weight's dtype.
+The originals are kept (returned to the module), so unmerge is an assignment, bit-exact by construction.
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ def merged_tensors(module) -> dict[str, torch.Tensor]:
             w_key, b_key = layer.fqn + ".weight", layer.fqn + ".bias"
             w0 = module._frozen[w_key]
             b0 = module._frozen.get(b_key) if layer.has_bias else None
-            w = (w0.t() if layer.transposed else w0).float()
-            b = b0.float() if b0 is not None else None
+            # at least float32 (half types are upcast, float64 is kept), then cast back to w0's dtype
+            acc = torch.promote_types(w0.dtype, torch.float32)
+            w = (w0.t() if layer.transposed else w0).to(acc)
+            b = b0.to(acc) if b0 is not None else None
             for name in names:
-                p = {k: v.float() for k, v in slot.params(name).items()}
+                p = {k: v.to(acc) if v.is_floating_point() else v for k, v in slot.params(name).items()}
                 w, b = slot.methods[name].merged_weight(module.state.specs[name], layer, p, w, b)
             w = w.t() if layer.transposed else w
             out[w_key] = w.to(w0.dtype).contiguous()

@@ -72,6 +72,8 @@ class LoRAMethod(WeightMethod):
     def check(self, spec: LoRA, layer: Layer) -> None:
         super().check(spec, layer)
         r = rank_of(spec, layer)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
         if layer.kind == "conv2d" and r % layer.groups:
             raise AdapterShapeError(
                 f"{layer.fqn}: LoRA rank r={r} must be divisible by the conv's groups={layer.groups}; "
@@ -136,17 +138,22 @@ class LoRAMethod(WeightMethod):
         if layer.kind == "embedding":
             return F.embedding(x, a.T, layer.padding_idx, layer.max_norm) @ b.T
         x = F.dropout(x, spec.dropout, training) if spec.dropout else x
+        x = x.to(a.dtype)  # like PEFT: the adapter math runs in the adapter's dtype
         if layer.kind == "conv2d":
-            h = F.conv2d(x, a.to(x.dtype), None, layer.stride, layer.padding)
-            return F.conv2d(h, b.to(x.dtype), groups=layer.groups)
+            h = F.conv2d(x, a, None, layer.stride, layer.padding)
+            return F.conv2d(h, b, groups=layer.groups)
         # shrink then expand: T·r·(d_in + d_out), never a d_out×d_in matrix
-        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return F.linear(F.linear(x, a), b)
 
     # -- evaluation ----------------------------------------------------------------------
     def delta(self, spec, layer, p, x, weight, training):
         return scaling_of(spec, layer) * self._low_rank(spec, layer, p, x, training)
 
     def forward(self, spec, layer, p, x, weight, bias, training):
+        out = self._forward(spec, layer, p, x, weight, bias, training)
+        return out.to(weight.dtype)  # adapters in another dtype (e.g. float32 on bf16): PEFT casts back
+
+    def _forward(self, spec, layer, p, x, weight, bias, training):
         if not spec.use_dora:
             return super().forward(spec, layer, p, x, weight, bias, training)
         s = scaling_of(spec, layer)

@@ -155,6 +155,19 @@ class WeightMethod:
     def from_peft_config(self, config: dict):
         raise NotImplementedError
 
+    def saved_tensors(self, spec, layer: Layer, params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The tensors as written to a checkpoint (AdaLoRA drops pruned ranks). Default: unchanged."""
+        return params
+
+    def checkpoint_key(self, key: str) -> str:
+        """A loaded checkpoint key in this method's current naming (Bone: `.bone_` -> `.miss_`)."""
+        return key
+
+    def spec_from_tensors(self, spec, tensors: dict):
+        """The spec fitted to a checkpoint's PEFT-keyed tensors where its config disagrees with them
+        (BOFT: PEFT on CPU saves one butterfly factor under N>1). Default: unchanged."""
+        return spec
+
     # -- optional hooks ---------------------------------------------------------------------
     def regularization_loss(self, spec, slots: list[tuple[Layer, Mapping[str, torch.Tensor]]]):
         """A loss term the user adds (AdaLoRA, HRA orthogonality). None if the method has none."""
@@ -182,6 +195,8 @@ class GraphMethod:
     peft_type: ClassVar[str]
     spec_type: ClassVar[type]
     merge_kind: ClassVar[str] = "none"
+    # what `state_dict` keys are relative to in PEFT's files (X-LoRA's classifier: "base_model.")
+    key_prefix: ClassVar[str] = "base_model.model."
 
     def setup(self, module, name: str, spec) -> None:
         raise NotImplementedError
@@ -196,8 +211,12 @@ class GraphMethod:
     def load_state_dict(self, module, name: str, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def save_files(self, module, name: str, path) -> None:
+        """Extra files next to adapter_config.json (X-LoRA's expert subfolders). Default: none."""
+
     def to_peft_config(self, spec) -> dict:
         raise NotImplementedError
 
     def from_peft_config(self, config: dict):
+        """`config` may carry "_ac_dir": the checkpoint directory, for paths relative to it."""
         raise NotImplementedError

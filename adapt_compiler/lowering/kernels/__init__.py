@@ -69,7 +69,7 @@ def lora_kernel_forward(slot, name: str, x, weight, bias):
 
 
 from .fused_lora import fused_lora_linear  # noqa: E402
-from .multi_lora import multi_lora  # noqa: E402
+from .multi_lora import add_multi_lora  # noqa: E402
 
 __all__ = [
     "HAVE_TRITON",
@@ -78,6 +78,6 @@ __all__ = [
     "interpret_kernels",
     "kernel_applies",
     "lora_kernel_forward",
-    "multi_lora",
+    "add_multi_lora",
     "use_kernel",
 ]

@@ -46,6 +46,7 @@ if HAVE_TRITON:
         stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr,
         PRECISION: tl.constexpr,
+        DOT_F32: tl.constexpr,  # the interpreter's dot mishandles bf16: upcast there
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -70,12 +71,17 @@ if HAVE_TRITON:
                          mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # Wᵀ tile [BK, BN]
             at = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
                          mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # Aᵀ tile [BK, BR]
+            if DOT_F32:
+                x, wt, at = x.to(tl.float32), wt.to(tl.float32), at.to(tl.float32)
             acc = tl.dot(x, wt, acc, input_precision=PRECISION)
             xa = tl.dot(x, at, xa, input_precision=PRECISION)
         bt = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # Bᵀ tile [BR, BN]
         # expand in the input dtype, like the unfused path: (x Aᵀ) is rounded before ·Bᵀ
-        acc += scaling * tl.dot(xa.to(bt.dtype), bt, input_precision=PRECISION)
+        xa = xa.to(bt.dtype)
+        if DOT_F32:
+            xa, bt = xa.to(tl.float32), bt.to(tl.float32)
+        acc += scaling * tl.dot(xa, bt, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
@@ -118,6 +124,7 @@ def _launch_fused_lora(x2, weight, bias, lora_a, lora_b, scaling: float, y) -> N
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None,
         PRECISION=_precision(x2.dtype),
+        DOT_F32=INTERPRET and x2.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         **opts,
     )

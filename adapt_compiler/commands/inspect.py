@@ -1,0 +1,290 @@
+"""`adapt-compiler inspect`: what the compiler would do to a model, without training anything.
+
+    adapt-compiler inspect --model llama --spec 'LoRA(r=8, targets=["q_proj", "v_proj"])'
+    adapt-compiler inspect --model config.json --adapter path/to/peft_dir --unmatched
+    adapt-compiler inspect --model python:my_pkg.models:build --spec 'LoHa(r=4, targets=["conv1"])' \\
+        --graph conv1 --out conv1.png --dot graph.dot
+
+The model is built (random weights: only its structure matters), compiled with the spec or PEFT
+directory, and captured once with a small example input built from its config, because the cost
+model chooses each layer's evaluation order for a captured graph. Then the report table is printed.
+
+`load_model` and `example_inputs` are reusable by other subcommands (e.g. export).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect as pyinspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..passes.method import AdapterError
+
+MODEL_HELP = (
+    "a builtin tiny model (llama, mistral, gpt2, bert, vit, convnet), a HF config (config.json or a "
+    "directory with one; random weights), or python:MODULE:FACTORY (MODULE may be a .py path)"
+)
+
+
+# -- models ------------------------------------------------------------------------------------
+def _builtin_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=256, use_cache=False))
+
+
+def _builtin_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=256, use_cache=False))
+
+
+def _builtin_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
+                                      use_cache=False, bos_token_id=0, eos_token_id=0))
+
+
+def _builtin_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128,
+        num_labels=3))
+
+
+def _builtin_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16,
+        patch_size=8, num_labels=4))
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, ch: int = 8):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        h = h + self.conv2(torch.nn.functional.silu(self.conv1(h)))
+        return self.conv_out(torch.nn.functional.silu(self.proj(h)))
+
+
+BUILTIN_MODELS = {
+    "llama": _builtin_llama,
+    "mistral": _builtin_mistral,
+    "gpt2": _builtin_gpt2,
+    "bert": _builtin_bert,
+    "vit": _builtin_vit,
+    "convnet": _ConvNet,
+}
+
+
+def _from_config(path: Path) -> nn.Module:
+    import transformers
+
+    cfg_file = path / "config.json" if path.is_dir() else path
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterError(f"--model {path}: cannot read a JSON config ({err}).") from err
+    if "peft_type" in raw:
+        raise AdapterError(f"--model {path}: this is an adapter config; pass it as --adapter {cfg_file.parent}.")
+    if "model_type" not in raw:
+        raise AdapterError(f"--model {path}: no 'model_type' field; is this a transformers config.json?")
+    config = transformers.AutoConfig.for_model(**raw)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    classes = [getattr(transformers, a, None) for a in (raw.get("architectures") or [])]
+    classes = [c for c in classes if c is not None]
+    if classes:
+        return classes[0](config)
+    for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModel"):
+        try:
+            return getattr(transformers, auto).from_config(config)
+        except ValueError:
+            continue
+    raise AdapterError(f"--model {path}: transformers has no model class for model_type {raw['model_type']!r}.")
+
+
+def _from_python(ref: str) -> nn.Module:
+    module_name, _, attr = ref.rpartition(":")
+    if not module_name or not attr:
+        raise AdapterError(f"--model python:{ref}: expected python:MODULE:FACTORY, e.g. python:my_pkg.models:build.")
+    if module_name.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        if spec is None or not Path(module_name).is_file():
+            raise AdapterError(f"--model python:{ref}: no file {module_name}.")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like `python -m`: modules next to where you run it
+        try:
+            mod = importlib.import_module(module_name)
+        except ImportError as err:
+            raise AdapterError(f"--model python:{ref}: cannot import {module_name!r} ({err}).") from err
+    obj = getattr(mod, attr, None)
+    if obj is None:
+        raise AdapterError(f"--model python:{ref}: {module_name} has no attribute {attr!r}.")
+    model = obj if isinstance(obj, nn.Module) else obj()
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"--model python:{ref}: {attr}() returned a {type(model).__name__}, not an nn.Module.")
+    return model
+
+
+def load_model(text: str) -> nn.Module:
+    """A model from a builtin name, a HF config (file or dir), or python:MODULE:FACTORY."""
+    if text in BUILTIN_MODELS:
+        torch.manual_seed(0)
+        return BUILTIN_MODELS[text]()
+    if text.startswith("python:"):
+        return _from_python(text[len("python:"):])
+    path = Path(text)
+    if path.suffix == ".json" or (path.is_dir() and (path / "config.json").is_file()):
+        if not path.exists():
+            raise AdapterError(f"--model {text}: no such file.")
+        return _from_config(path)
+    raise AdapterError(f"--model {text!r}: not understood; use {MODEL_HELP}.")
+
+
+# -- example inputs ----------------------------------------------------------------------------
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, input_shape=None) -> tuple[tuple, dict]:
+    """(args, kwargs) small enough to capture quickly, built from the model's config or first layer."""
+    g = torch.Generator().manual_seed(0)
+    if input_shape:
+        return (torch.randn(*input_shape, generator=g),), {}
+    params = pyinspect.signature(model.forward).parameters
+    config = getattr(model, "config", None)
+    if "input_ids" in params:
+        vocab = getattr(config, "vocab_size", None) or _embedding_rows(model) or 100
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        kwargs = {"input_ids": ids}
+        if "attention_mask" in params:
+            kwargs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        return (), kwargs
+    if "pixel_values" in params:
+        size = getattr(config, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(config, "num_channels", 3)
+        return (), {"pixel_values": torch.randn(batch, channels, size, size, generator=g)}
+    for mod in model.modules():  # a plain nn.Module: the first layer says what it eats
+        if isinstance(mod, nn.Conv2d):
+            return (torch.randn(batch, mod.in_channels, 16, 16, generator=g),), {}
+        if isinstance(mod, nn.Linear):
+            return (torch.randn(batch, mod.in_features, generator=g),), {}
+        if isinstance(mod, nn.Embedding):
+            return (torch.randint(0, mod.num_embeddings, (batch, seq), generator=g),), {}
+    raise AdapterError(
+        f"cannot guess an example input for {type(model).__name__}; pass --input-shape (e.g. 1,3,32,32)."
+    )
+
+
+def _embedding_rows(model: nn.Module) -> int | None:
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            return mod.num_embeddings
+    return None
+
+
+# -- specs -------------------------------------------------------------------------------------
+def parse_spec(text: str):
+    """A spec from a Python expression over the method specs: `LoRA(r=8, targets=["q_proj"])`,
+    or a dict of them for several named adapters. Only the spec classes are in scope."""
+    import adapt_compiler as ac
+
+    names = {m.spec_type.__name__: m.spec_type for m in ac.METHODS.values()}
+    if "bone" in ac.METHODS:
+        names["MiSS"] = ac.METHODS["bone"].spec_type
+    scope = {"__builtins__": {"True": True, "False": False, "None": None, "dict": dict, "list": list,
+                              "range": range, "tuple": tuple}, **names}
+    try:
+        spec = eval(compile(text, "<--spec>", "eval"), scope)  # noqa: S307 - the user's own command line
+    except NameError as err:
+        raise AdapterError(f"--spec: {err}; available specs: {', '.join(sorted(names))}.") from err
+    except SyntaxError as err:
+        raise AdapterError(f"--spec: not a Python expression ({err.msg}): {text!r}.") from err
+    except TypeError as err:
+        raise AdapterError(f"--spec: {err}.") from err
+    return spec
+
+
+# -- the command -------------------------------------------------------------------------------
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="show which layers a spec adapts, its parameters and the chosen lowering",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--adapter", help="a PEFT adapter directory (adapter_config.json + weights)")
+    what.add_argument("--spec", help="a Python expression, e.g. 'LoRA(r=8, targets=[\"q_proj\"])' or a dict of them")
+    p.add_argument("--unmatched", action="store_true", help="also list layers of the targeted kinds left out")
+    p.add_argument("--graph", metavar="LAYER", help="draw the adapted subgraph around LAYER (a name or suffix)")
+    p.add_argument("--out", help="PNG path for --graph (default: LAYER.png)")
+    p.add_argument("--radius", type=int, default=2, help="hops of base graph drawn around LAYER (default 2)")
+    p.add_argument("--dot", metavar="FILE", help="write the whole adapted graph as Graphviz DOT")
+    p.add_argument("--train", action="store_true", help="capture the training graph (default: inference)")
+    p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    p.add_argument("--seq-len", type=int, default=8, help="example sequence length (default 8)")
+    p.add_argument("--input-shape", help="example float input shape for a plain module, e.g. 1,3,32,32")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    return p
+
+
+def inspect_model(model: nn.Module, spec, *, train: bool = False, batch: int = 2, seq: int = 8, input_shape=None):
+    """Compile `model` with `spec` (or a PEFT dir), capture one small example, return (module, report)."""
+    import adapt_compiler as ac
+    from ..progress import status
+
+    model.train(train)
+    args, kwargs = example_inputs(model, batch=batch, seq=seq, input_shape=input_shape)
+    with status("creating adapters"):
+        m = ac.compile(model, spec, lowering="eager")
+    m.train(train)
+    with status("capturing the graph and choosing evaluation orders"):
+        m.capture(args, kwargs)
+    return m, m.report()
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from ..graph_view import draw_layer, write_dot
+    from ..progress import quiet
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: wide enough that layer names stay on one line
+        console = Console(width=max(console.width, 160))
+    with quiet(args.quiet):
+        model = load_model(args.model)
+        spec = args.adapter if args.adapter else parse_spec(args.spec)
+        shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
+        m, rep = inspect_model(model, spec, train=args.train, batch=args.batch, seq=args.seq_len, input_shape=shape)
+        rep.print(unmatched=args.unmatched, console=console)
+        if args.graph:
+            out = args.out or f"{args.graph.replace('/', '_')}.png"
+            fqn = draw_layer(m, args.graph, out, radius=args.radius)
+            console.print(f"wrote {out} (adapted subgraph around {fqn})")
+        elif args.out:
+            raise AdapterError("--out is the PNG path for --graph LAYER; pass --graph too.")
+        if args.dot:
+            write_dot(m, args.dot)
+            console.print(f"wrote {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)")
+    return 0

@@ -1,0 +1,235 @@
+"""BOFT (butterfly orthogonal fine-tuning), matching PEFT 0.21.2 `tuners/boft`.
+
+    Sᵢⱼ = ½(Rᵢⱼ − Rᵢⱼᵀ)      Qᵢⱼ = (I − Sᵢⱼ)(I + Sᵢⱼ)⁻¹       (boft_R: (N, D, b, b))
+    Bᵢ = Pᵢ · BD(Qᵢ₁..Q_iD) · Pᵢᵀ        M = B_{N−1} ⋯ B₁ B₀
+    y = ((x·M) Wᵀ) ⊙ s + b               W' = (W·Mᵀ) ⊙ s          (boft_s: one scale per output)
+
+Pᵢ is PEFT's `block_butterfly_perm(n, D/2ⁱ, b/2)`: inside each chunk of b·2ⁱ inputs the width-b/2
+sub-blocks are reordered evens first, then odds (P₀ = I). As a view: x·Pᵢᵀ = x[…, perm] is
+x.view(…, chunks, m/2, 2, b/2).transpose(-3, -2), and x·Pᵢ its inverse, so the permutations cost no
+FLOPs and no dense matrix; each factor is one batched (D, b, b) matmul.
+
+Shapes come from the tensors: PEFT on CPU silently trains with ONE butterfly factor while its config
+keeps the requested N, so a checkpoint's boft_R shape wins over its config (`spec_from_tensors`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..spec import AdapterSpec, check_probability
+from .method import AdapterError, AdapterShapeError, Layer, WeightMethod
+from .oft import block_rotate, check_orthogonal_layer, divisors, evaluate_rotated, merged_rows, rotated_dim, show_sizes
+from .registry import register
+
+
+@dataclass
+class BOFT(AdapterSpec):
+    method = "boft"
+    boft_block_size: int = 4  # exactly one of boft_block_size / boft_block_num is nonzero (PEFT)
+    boft_block_num: int = 0
+    boft_n_butterfly_factor: int = 1  # N; 1 = block-diagonal OFT + output scale
+    boft_dropout: float = 0.0  # training: int(p·D) blocks of one random factor replaced by I
+    init_weights: bool = True  # True: R = 0 (M = I), s = 1; False: R ~ N(0, 0.1), s ~ N(1, 0.1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("boft_block_size", "boft_block_num"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise AdapterError(f"BOFT: {name}={v!r} must be a non-negative integer.")
+        if (self.boft_block_size != 0) == (self.boft_block_num != 0):
+            raise AdapterError(
+                f"BOFT: set exactly one of boft_block_size={self.boft_block_size} / boft_block_num="
+                f"{self.boft_block_num} (the other is 0); block size × block count = d_in."
+            )
+        n = self.boft_n_butterfly_factor
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise AdapterError(f"BOFT: boft_n_butterfly_factor={n!r} must be a positive integer.")
+        check_probability(self, boft_dropout=self.boft_dropout)
+        if self.init_weights not in (True, False):
+            raise AdapterError(f"BOFT: init_weights={self.init_weights!r} must be True or False.")
+
+
+# -- the butterfly permutations as views -------------------------------------------------------------
+def _shuffle(h, i: int, b: int):
+    """h·Pᵢᵀ = h[…, perm_i]: per chunk of b·2ⁱ, sub-blocks of b/2 go evens first, then odds."""
+    if i == 0:
+        return h  # chunks of b hold 2 sub-blocks: [0, 1] is already "evens, odds"
+    n, half = h.shape[-1], b // 2
+    m = (b << i) // half  # sub-blocks per chunk (2^(i+1))
+    v = h.reshape(*h.shape[:-1], n // (b << i), m // 2, 2, half)
+    return v.transpose(-3, -2).reshape(h.shape)
+
+
+def _unshuffle(h, i: int, b: int):
+    """h·Pᵢ = h[…, perm_i⁻¹], the inverse view of `_shuffle`."""
+    if i == 0:
+        return h
+    n, half = h.shape[-1], b // 2
+    m = (b << i) // half
+    v = h.reshape(*h.shape[:-1], n // (b << i), 2, m // 2, half)
+    return v.transpose(-3, -2).reshape(h.shape)
+
+
+def butterfly(h, q, transpose: bool = False):
+    """Row vectors h (…, n) times M (or Mᵀ), q the (N, D, b, b) orthogonal blocks.
+
+    h·M = h·B_{N−1}⋯B₀ applies B_{N−1} first; h·Mᵀ = h·B₀ᵀ⋯B_{N−1}ᵀ applies B₀ᵀ first, with
+    h·Bᵢ = (h·Pᵢ)·BD(Qᵢ)·Pᵢᵀ.
+    """
+    n_factors, b = q.shape[0], q.shape[-1]
+    order = range(n_factors) if transpose else reversed(range(n_factors))
+    for i in order:
+        blocks = q[i].transpose(-2, -1) if transpose else q[i]
+        h = _shuffle(block_rotate(_unshuffle(h, i, b), blocks), i, b)
+    return h
+
+
+def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> torch.Tensor:
+    """PEFT's `block_butterfly_perm` as an index (used by tests to check the views)."""
+    if factors == 0:
+        return torch.arange(n)
+    return _shuffle(torch.arange(n), int(math.log2(n // blocks // (2 * half))), 2 * half)
+
+
+class BOFTMethod(WeightMethod):
+    name = "boft"
+    peft_type = "BOFT"
+    spec_type = BOFT
+    kinds = frozenset({"linear", "conv2d"})
+    merge_kind = "multiplicative"
+
+    # -- shapes ----------------------------------------------------------------------------
+    def blocks(self, spec: BOFT, layer: Layer) -> tuple[int, int, int]:
+        """(N factors, D blocks per factor, block size b) on this layer."""
+        n = rotated_dim(layer)
+        if spec.boft_block_size:
+            return spec.boft_n_butterfly_factor, n // spec.boft_block_size, spec.boft_block_size
+        return spec.boft_n_butterfly_factor, spec.boft_block_num, n // spec.boft_block_num
+
+    def check(self, spec: BOFT, layer: Layer) -> None:
+        super().check(spec, layer)
+        check_orthogonal_layer("BOFT", layer)
+        n = rotated_dim(layer)
+        what = "d_in" if layer.kind == "linear" else "d_in·kh·kw"
+        nf = spec.boft_n_butterfly_factor
+        span = 2 ** (nf - 1)  # the last butterfly factor mixes b·2^(N−1) inputs
+        if spec.boft_block_size:
+            b, field = spec.boft_block_size, "boft_block_size"
+            ok = [s for s in divisors(n) if n % (s * span) == 0 and (nf == 1 or (s % 2 == 0 and (n // s) % 2 == 0))]
+            bad = n % (b * span) != 0 or (nf > 1 and (b % 2 or (n // b) % 2))
+            given = b
+        else:
+            d, field = spec.boft_block_num, "boft_block_num"
+            ok = [k for k in divisors(n) if k % span == 0 and (nf == 1 or (k % 2 == 0 and (n // k) % 2 == 0))]
+            bad = n % d != 0 or d % span != 0 or (nf > 1 and (d % 2 or (n // d) % 2))
+            given = d
+        if bad:
+            extra = f" with boft_n_butterfly_factor={nf} (block size and count even, d divisible by size·2^(N−1))" \
+                if nf > 1 else ""
+            sizes = show_sizes(ok, given) if ok else "none (lower boft_n_butterfly_factor)"
+            raise AdapterShapeError(
+                f"{layer.fqn}: BOFT {field}={given} does not fit {what}={n}{extra}; valid {field} values: {sizes}."
+            )
+
+    def init_params(self, spec: BOFT, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        nf, d, b = self.blocks(spec, layer)
+        r = torch.zeros(nf, d, b, b, dtype=weight.dtype)
+        # PEFT's shapes: (d_out, 1) for Linear, (1, d_out) for Conv2d
+        s_shape = (1, layer.out_features) if layer.kind == "conv2d" else (layer.out_features, 1)
+        s = torch.ones(s_shape, dtype=weight.dtype)
+        if spec.init_weights is False:
+            torch.nn.init.normal_(r, mean=0.0, std=0.1)
+            torch.nn.init.normal_(s, mean=1.0, std=0.1)
+        return {"boft_R": r, "boft_s": s}
+
+    # -- the rotation ------------------------------------------------------------------------
+    def rotation_blocks(self, spec: BOFT, p, training: bool = False) -> torch.Tensor:
+        """The (N, D, b, b) Cayley blocks, with PEFT's block dropout in training."""
+        r = p["boft_R"]
+        nf, d, b, _ = r.shape
+        s = 0.5 * (r - r.transpose(-2, -1)).reshape(nf * d, b, b)  # skew part only
+        eye = torch.eye(b, device=r.device).expand(nf * d, b, b)
+        q = torch.linalg.solve(eye + s, eye - s, left=False).to(r.dtype)  # (I − S)(I + S)⁻¹
+        q = q.reshape(nf, d, b, b)
+        if training and spec.boft_dropout:
+            q = self._dropout(q, spec.boft_dropout)
+        return q
+
+    @staticmethod
+    def _dropout(q, p: float):
+        """PEFT's MultiplicativeDropoutLayer, same RNG calls in the same order (randint, then randperm)."""
+        nf, d, b, _ = q.shape
+        which = torch.randint(0, nf, (1,))
+        k = int(p * d)
+        mask = torch.cat([torch.ones(k, device=q.device), torch.zeros(d - k, device=q.device)])
+        mask = mask[torch.randperm(d)].view(1, d, 1, 1)
+        factor = (torch.arange(nf).view(nf, 1, 1, 1) == which).to(mask)  # one-hot, no .item() in the graph
+        full = (factor * mask).to(q.dtype)
+        eye = torch.eye(b, device=q.device, dtype=q.dtype)
+        return (1 - full) * q + full * eye
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def forward(self, spec, layer, p, x, weight, bias, training):
+        q = self.rotation_blocks(spec, p, training).to(x.dtype)
+        scale = p["boft_s"].reshape(-1).to(x.dtype)
+        return evaluate_rotated(layer, x, weight, bias, lambda h: butterfly(h, q), scale=scale)
+
+    def merged_weight(self, spec, layer, p, weight, bias):
+        q = self.rotation_blocks(spec, p).to(weight.dtype)
+        scale = p["boft_s"].reshape(-1).to(weight.dtype)
+        # W' = (W·Mᵀ) ⊙ s, row by row
+        return merged_rows(weight, lambda w: butterfly(w, q, transpose=True), scale=scale), bias
+
+    def weight_side_ok(self, spec, training):
+        return not (training and spec.boft_dropout)
+
+    def cost(self, spec, layer, tokens):
+        nf, d, b = self.blocks(spec, layer)
+        n, d_out = rotated_dim(layer), layer.out_features
+        build = nf * d * 4 * b**3  # N·D b×b solves
+        return {
+            "activation": build + nf * 2 * tokens * n * b + tokens * d_out,
+            "weight": build + nf * 2 * d_out * n * b + d_out * n,
+        }
+
+    # -- PEFT interop ----------------------------------------------------------------------------
+    def to_peft_config(self, spec: BOFT) -> dict:
+        return {
+            "boft_block_size": spec.boft_block_size,
+            "boft_block_num": spec.boft_block_num,
+            "boft_n_butterfly_factor": spec.boft_n_butterfly_factor,
+            "boft_dropout": spec.boft_dropout,
+            "init_weights": spec.init_weights,
+            "bias": "none",
+            "fan_in_fan_out": False,
+        }
+
+    def from_peft_config(self, config: dict) -> BOFT:
+        if config.get("bias", "none") != "none":
+            raise AdapterError("BOFT checkpoint trains biases (bias != 'none'); not supported.")
+        return BOFT(
+            boft_block_size=config.get("boft_block_size", 4),
+            boft_block_num=config.get("boft_block_num", 0),
+            boft_n_butterfly_factor=config.get("boft_n_butterfly_factor", 1),
+            boft_dropout=config.get("boft_dropout", 0.0),
+            init_weights=bool(config.get("init_weights", True)),
+        )
+
+    def spec_from_tensors(self, spec: BOFT, tensors: dict) -> BOFT:
+        """Trust boft_R's shape (N, D, b, b) over the config (PEFT on CPU saves N=1 tensors under N>1)."""
+        factors = {t.shape[0] for k, t in tensors.items() if k.endswith("boft_R")}
+        if len(factors) != 1 or factors == {spec.boft_n_butterfly_factor}:
+            return spec
+        n = factors.pop()
+        warnings.warn(f"BOFT checkpoint: config says boft_n_butterfly_factor={spec.boft_n_butterfly_factor} but "
+                      f"its tensors hold {n} factor(s) (PEFT without its CUDA extension); using {n}.")
+        return spec.replace(boft_n_butterfly_factor=n)
+
+
+register(BOFTMethod())

@@ -1,0 +1,140 @@
+"""HRA (Householder reflection adaptation), matching PEFT 0.21.2 `tuners/hra`.
+
+    ûᵢ = uᵢ / ‖uᵢ‖          H = H₀ H₁ ⋯ H_{r−1},  Hᵢ = I − 2 ûᵢ ûᵢᵀ        (hra_u: (d_in[·kh·kw], r))
+    apply_GS: Û = Gram–Schmidt(U) (PEFT's loop order), H = I − 2 Û Ûᵀ
+    y = x · Hᵀ · Wᵀ + b       W' = W · H
+
+Evaluation orders (never the dense d×d H that PEFT builds every call):
+* activation: x·Hᵀ = x·H_{r−1}⋯H₀, r rank-1 updates x ← x − 2(x·ûᵢ)ûᵢᵀ, 4·T·d·r FLOPs
+  (apply_GS: x − 2(x·Û)Ûᵀ, two thin matmuls);
+* weight: W' = W·H₀⋯H_{r−1}, the same updates on W's rows, 4·d_out·d·r FLOPs.
+
+Init (PEFT): r even -> r/2 kaiming columns each repeated twice, so consecutive reflections cancel
+and H = I; r odd -> kaiming (H ≠ I, with PEFT's warning). With apply_GS, H = I − 2ÛÛᵀ is never I.
+
+Regulariser (the HRA paper's, not in PEFT): `m.regularization_loss()` = λ Σ_layers ‖I − ÛᵀÛ‖_F,
+λ = orth_reg_weight; add it to the task loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..spec import AdapterSpec, check_positive
+from .method import AdapterError, Layer, WeightMethod
+from .oft import check_orthogonal_layer, evaluate_rotated, merged_rows, rotated_dim
+from .registry import register
+
+
+@dataclass
+class HRA(AdapterSpec):
+    method = "hra"
+    r: int = 8
+    apply_GS: bool = False
+    init_weights: bool = True  # True: paired columns (H = I for even r); False: kaiming
+    orth_reg_weight: float = 1e-4  # λ of regularization_loss(); ours only (PEFT has no regulariser)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, r=self.r)
+        if self.init_weights not in (True, False):
+            raise AdapterError(f"HRA: init_weights={self.init_weights!r} must be True or False.")
+        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
+            raise AdapterError(f"HRA: orth_reg_weight={self.orth_reg_weight!r} must be a number >= 0.")
+
+
+def gram_schmidt(u):
+    """PEFT's loop: column i minus its projections on the already-normalised columns 0..i−1, normalised."""
+    cols = [u[:, :1] / u[:, 0].norm()]
+    for i in range(1, u.shape[1]):
+        ui = u[:, i : i + 1]
+        for w in cols:
+            ui = ui - (w.t() @ ui) * w
+        cols.append(ui / ui.norm())
+    return torch.cat(cols, dim=1)  # (d, r), orthonormal columns
+
+
+class HRAMethod(WeightMethod):
+    name = "hra"
+    peft_type = "HRA"
+    spec_type = HRA
+    kinds = frozenset({"linear", "conv2d"})
+    merge_kind = "multiplicative"
+
+    def check(self, spec: HRA, layer: Layer) -> None:
+        super().check(spec, layer)
+        check_orthogonal_layer("HRA", layer)
+
+    def init_params(self, spec: HRA, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        d, r = rotated_dim(layer), spec.r
+        if spec.init_weights and r % 2 == 0:
+            half = torch.zeros(d, r // 2)
+            torch.nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+            u = torch.repeat_interleave(half, 2, dim=1)  # ûᵢ = ûᵢ₊₁: each pair of reflections cancels
+        else:
+            if spec.init_weights:
+                warnings.warn(f"{layer.fqn}: HRA r={r} is odd, so the paired init (adapted == base) is impossible.")
+            u = torch.empty(d, r)
+            torch.nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+        return {"hra_u": u.to(weight.dtype)}
+
+    # -- the reflections -----------------------------------------------------------------------
+    @staticmethod
+    def _reflect(h, u, spec: HRA, transpose: bool):
+        """Row vectors h (…, d) times H (transpose=False) or Hᵀ (transpose=True)."""
+        if spec.apply_GS:
+            q = gram_schmidt(u)  # H symmetric: h·H = h·Hᵀ = h − 2(h·Q)Qᵀ
+            return h - 2 * (h @ q) @ q.t()
+        u = u / u.norm(dim=0)
+        # h·H = h·H₀⋯H_{r−1} applies H₀ first; h·Hᵀ = h·H_{r−1}⋯H₀ applies H_{r−1} first
+        order = range(u.shape[1] - 1, -1, -1) if transpose else range(u.shape[1])
+        for i in order:
+            ui = u[:, i]
+            h = h - 2 * (h @ ui).unsqueeze(-1) * ui  # rank-1 update, O(rows·d)
+        return h
+
+    def forward(self, spec, layer, p, x, weight, bias, training):
+        u = p["hra_u"].to(x.dtype)
+        return evaluate_rotated(layer, x, weight, bias, lambda h: self._reflect(h, u, spec, transpose=True))
+
+    def merged_weight(self, spec, layer, p, weight, bias):
+        u = p["hra_u"].to(weight.dtype)
+        return merged_rows(weight, lambda w: self._reflect(w, u, spec, transpose=False)), bias
+
+    def cost(self, spec, layer, tokens):
+        d, d_out, r = rotated_dim(layer), layer.out_features, spec.r
+        build = 2 * r * r * d if spec.apply_GS else 3 * d * r  # Gram–Schmidt / column norms
+        return {"activation": build + 4 * tokens * d * r, "weight": build + 4 * d_out * d * r}
+
+    def regularization_loss(self, spec: HRA, slots):
+        """λ Σ ‖I − ÛᵀÛ‖_F over the adapted layers (Û: unit columns), pushing the uᵢ apart."""
+        if not slots or not spec.orth_reg_weight:
+            return None
+        total = 0
+        for _, p in slots:
+            u = p["hra_u"]
+            u = u / u.norm(dim=0)
+            eye = torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
+            total = total + torch.linalg.matrix_norm(eye - u.t() @ u)
+        return spec.orth_reg_weight * total
+
+    # -- PEFT interop ----------------------------------------------------------------------------
+    def to_peft_config(self, spec: HRA) -> dict:
+        return {"r": spec.r, "apply_GS": spec.apply_GS, "init_weights": spec.init_weights, "bias": "none"}
+
+    def from_peft_config(self, config: dict) -> HRA:
+        if config.get("bias", "none") != "none":
+            raise AdapterError("HRA checkpoint trains biases (bias != 'none'); not supported.")
+        return HRA(r=config.get("r", 8), apply_GS=config.get("apply_GS", False),
+                   init_weights=bool(config.get("init_weights", True)))
+
+    def spec_from_tensors(self, spec: HRA, tensors: dict) -> HRA:
+        ranks = {t.shape[1] for k, t in tensors.items() if k.endswith("hra_u")}
+        return spec.replace(r=ranks.pop()) if len(ranks) == 1 and ranks != {spec.r} else spec
+
+
+register(HRAMethod())

@@ -1,0 +1,360 @@
+"""OFT (orthogonal fine-tuning), matching PEFT 0.21.2 `tuners/oft` (its v2 semantics).
+
+    x' = x · BD(R₁..R_r)          y = x' Wᵀ + b            W' = W · BD(R)ᵀ
+    Qᵢ = Uᵢ − Uᵢᵀ (Uᵢ strictly upper, filled from row i of oft_R in triu_indices order)
+    exact Cayley:   Rᵢ = (I − Qᵢ)(I + Qᵢ)⁻¹
+    Cayley–Neumann: Rᵢ = I + 2Σ_{k=1}^{n−2} Qᵢᵏ + Qᵢⁿ⁻¹      (n terms; PEFT's sign: ≈ exactᵀ)
+
+`oft_R` is (r, b(b−1)/2), or (1, …) with block_share. Linear rotates the d_in inputs; Conv2d rotates
+the flattened (d_in, kh, kw) patch, the same dims the weight is flattened over, so forward and merge
+agree for any kernel (PEFT 0.21.2's k>1 forward folds overlapping patches and is neither identity at
+init nor equal to its own merge; we follow the merged form).
+
+Evaluation orders (never a dense d×d matrix):
+* activation: x reshaped to (…, r, b) times the r b×b blocks (a batched matmul), 2·T·d·b FLOPs;
+  Conv2d with k>1 rotates im2col patches, k=1 rotates the channel dim.
+* weight: W' = W·BD(R)ᵀ as the same batched matmul over W's rows, 2·d_out·d·b FLOPs.
+
+The helpers below (`rotated_dim`, `evaluate_rotated`, `rows_of`, …) are shared with BOFT and HRA,
+which rotate the same input dims.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import AdapterSpec, check_probability
+from .method import AdapterError, AdapterShapeError, Layer, WeightMethod
+from .registry import register
+
+
+# -- shared by the orthogonal methods (OFT, BOFT, HRA) ---------------------------------------------
+def rotated_dim(layer: Layer) -> int:
+    """The length of the input vector the rotation acts on: d_in, or d_in·kh·kw for Conv2d."""
+    if layer.kind == "conv2d":
+        kh, kw = layer.kernel_size
+        return layer.in_features * kh * kw
+    return layer.in_features
+
+
+def check_orthogonal_layer(method: str, layer: Layer) -> None:
+    if layer.kind == "conv2d" and layer.groups > 1:
+        raise AdapterShapeError(
+            f"{layer.fqn}: {method} cannot adapt a Conv2d with groups={layer.groups} (its weight holds only "
+            f"d_in/groups input channels per output); exclude it from `targets`."
+        )
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def show_sizes(sizes: list[int], near: int, limit: int = 12) -> str:
+    """The valid sizes closest to `near`, ascending (the full list can be long)."""
+    close = sorted(sorted(sizes, key=lambda s: abs(s - near))[:limit])
+    return ", ".join(map(str, close))
+
+
+def rows_of(weight: torch.Tensor) -> torch.Tensor:
+    """Canonical weight as rows over the rotated dim: (d_out, d_in[·kh·kw])."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def evaluate_rotated(layer: Layer, x, weight, bias, rotate, scale=None):
+    """The base layer on rotated inputs: y = (rotate(x)·Wᵀ) ⊙ scale + b.
+
+    `rotate` maps row vectors over the rotated dim (…, n) -> (…, n). `scale` is an optional per-output
+    vector (BOFT's s), applied before the bias as PEFT does.
+    """
+    if layer.kind == "linear":
+        y = F.linear(rotate(x), weight, None if scale is not None else bias)
+    elif layer.kernel_size == (1, 1):
+        # 1×1 conv: the patch is the channel vector; rotating before zero padding is the same
+        xr = rotate(x.movedim(1, -1)).movedim(-1, 1)
+        y = layer.conv(xr, weight, None if scale is not None else bias)
+    else:
+        y = _conv_on_rotated_patches(layer, x, weight, rotate)
+        if scale is None and bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+    if scale is None:
+        return y
+    shape = (1, -1, 1, 1) if layer.kind == "conv2d" else (-1,)
+    y = y * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _conv_on_rotated_patches(layer: Layer, x, weight, rotate):
+    """conv2d(x, W') with W'_flat = W_flat·Mᵀ, as im2col: rotate each (c, i, j) patch, then one GEMM."""
+    kh, kw = layer.kernel_size
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    padding = layer.padding
+    if isinstance(padding, str):
+        if padding == "same":  # torch pads total//2 on the left/top, the rest on the right/bottom
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+        padding = (0, 0)
+    ph, pw = padding
+    batch, _, h, w = x.shape
+    cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))  # (B, C·kh·kw, L)
+    cols = rotate(cols.transpose(1, 2))  # (B, L, C·kh·kw): unfold's order (c, i, j) = W's flattening
+    y = cols @ rows_of(weight).T  # (B, L, d_out)
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return y.transpose(1, 2).reshape(batch, weight.shape[0], ho, wo)
+
+
+def merged_rows(weight, rotate_rows, scale=None):
+    """W' in canonical layout from a row transform of W_flat (d_out, n) -> (d_out, n)."""
+    w = rotate_rows(rows_of(weight))
+    if scale is not None:
+        w = w * scale.reshape(-1, 1)
+    return w.reshape(weight.shape)
+
+
+def block_rotate(h, blocks):
+    """h · BD(blocks) for row vectors h (…, n), blocks (k, b, b) (k == 1: shared by all n/b blocks)."""
+    k, b, _ = blocks.shape
+    hb = h.reshape(*h.shape[:-1], h.shape[-1] // b, b)  # (…, n/b, b)
+    if k == 1:
+        out = hb @ blocks[0]
+    else:
+        out = torch.einsum("...rk,rkc->...rc", hb, blocks)  # one batched matmul over the r blocks
+    return out.reshape(h.shape)
+
+
+def multiplicative_dropout(blocks, p: float):
+    """PEFT's MultiplicativeDropoutLayer: int(p·k) random blocks of (k, b, b) replaced by I (k > 1)."""
+    k, b, _ = blocks.shape
+    if k == 1:  # block_share: PEFT skips it
+        return blocks
+    n = int(p * k)
+    mask = torch.cat([torch.ones(n, device=blocks.device), torch.zeros(k - n, device=blocks.device)])
+    mask = mask[torch.randperm(k)].view(k, 1, 1).to(blocks.dtype)
+    eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
+    return (1 - mask) * blocks + mask * eye
+
+
+# -- OFT ---------------------------------------------------------------------------------------------
+@dataclass
+class OFT(AdapterSpec):
+    method = "oft"
+    r: int = 0  # number of blocks; exactly one of r / oft_block_size is nonzero (PEFT)
+    oft_block_size: int = 32
+    module_dropout: float = 0.0  # training: int(p·r) random blocks replaced by I (see module doc)
+    coft: bool = False  # constrained OFT: project each Q to ‖Q‖_F ≤ eps/√(#blocks) before use
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    init_weights: bool = True  # True: R = I; False: oft_R ~ N(0, 0.1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise AdapterError(f"OFT: {name}={v!r} must be a non-negative integer.")
+        if (self.r != 0) == (self.oft_block_size != 0):
+            raise AdapterError(
+                f"OFT: set exactly one of r={self.r} / oft_block_size={self.oft_block_size} (the other is 0); "
+                f"r × oft_block_size = d_in, e.g. OFT(r=0, oft_block_size=32)."
+            )
+        check_probability(self, module_dropout=self.module_dropout)
+        if self.init_weights not in (True, False):
+            raise AdapterError(f"OFT: init_weights={self.init_weights!r} must be True or False.")
+
+
+@functools.lru_cache(maxsize=None)
+def _triu(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.triu_indices(b, b, 1))
+
+
+def skew(vec, b: int):
+    """(k, b(b−1)/2) -> (k, b, b): Q = U − Uᵀ, U strictly upper from vec in triu_indices order."""
+    rows, cols = _triu(b)
+    u = vec.new_zeros(vec.shape[0], b, b)
+    u[:, rows.to(vec.device), cols.to(vec.device)] = vec
+    return u - u.transpose(-2, -1)
+
+
+def block_size_from(vec_len: int) -> int:
+    """b from b(b−1)/2."""
+    b = int(round((1 + (1 + 8 * vec_len) ** 0.5) / 2))
+    if b * (b - 1) // 2 != vec_len:
+        raise AdapterError(f"OFT: oft_R rows of length {vec_len} are not b(b−1)/2 for any block size b.")
+    return b
+
+
+class OFTMethod(WeightMethod):
+    name = "oft"
+    peft_type = "OFT"
+    spec_type = OFT
+    kinds = frozenset({"linear", "conv2d"})
+    merge_kind = "multiplicative"
+
+    # -- shapes ----------------------------------------------------------------------------
+    def blocks(self, spec: OFT, layer: Layer) -> tuple[int, int]:
+        """(number of blocks r, block size b) on this layer."""
+        n = rotated_dim(layer)
+        if spec.oft_block_size:
+            return n // spec.oft_block_size, spec.oft_block_size
+        return spec.r, n // spec.r
+
+    def check(self, spec: OFT, layer: Layer) -> None:
+        super().check(spec, layer)
+        check_orthogonal_layer("OFT", layer)
+        n = rotated_dim(layer)
+        what = "d_in" if layer.kind == "linear" else "d_in·kh·kw"
+        given, field = (spec.oft_block_size, "oft_block_size") if spec.oft_block_size else (spec.r, "r")
+        # PEFT silently moves a non-divisor to the nearest divisor; we refuse, before anything changes
+        if n % given or given > n:
+            raise AdapterShapeError(
+                f"{layer.fqn}: OFT {field}={given} does not divide {what}={n}; "
+                f"valid {field} values near it: {show_sizes(divisors(n), given)}."
+            )
+
+    def init_params(self, spec: OFT, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        r, b = self.blocks(spec, layer)
+        rows = 1 if spec.block_share else r
+        vec = torch.zeros(rows, b * (b - 1) // 2, dtype=weight.dtype)
+        if spec.init_weights is False:
+            torch.nn.init.normal_(vec, mean=0.0, std=0.1)
+        return {"oft_R": vec}
+
+    # -- the rotation ------------------------------------------------------------------------
+    def rotation_blocks(self, spec: OFT, p, training: bool = False) -> torch.Tensor:
+        """The (r or 1, b, b) orthogonal blocks Rᵢ. Block size comes from the tensor (trust the checkpoint)."""
+        vec = p["oft_R"]
+        b = block_size_from(vec.shape[1])
+        if spec.coft:
+            # PEFT projects the parameter itself, in place, on every use
+            with torch.no_grad():
+                vec.copy_(self._project(vec, b, spec.eps))
+        q = skew(vec, b)  # (k, b, b)
+        if spec.use_cayley_neumann:
+            r = self._neumann(q, spec.num_cayley_neumann_terms)
+        else:
+            eye = torch.eye(b, device=q.device, dtype=q.dtype).expand_as(q)
+            r = torch.linalg.solve(eye + q, eye - q, left=False)  # R = (I − Q)(I + Q)⁻¹
+        if training and spec.module_dropout:
+            r = multiplicative_dropout(r, spec.module_dropout)
+        return r
+
+    @staticmethod
+    def _neumann(q, terms: int):
+        """PEFT's series: I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1) (n=2: I + 2Q; n=1: I)."""
+        eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
+        if terms <= 1:
+            return eye.clone()
+        r = eye + 2.0 * q
+        if terms == 2:
+            return r
+        power = q @ q
+        r = r + 2.0 * power
+        for _ in range(3, terms - 1):
+            power = power @ q
+            r = r + 2.0 * power
+        return r + power @ q
+
+    @staticmethod
+    def _project(vec, b: int, eps: float):
+        """COFT: Qᵢ ← Qᵢ·min(1, eps'/‖Qᵢ‖_F), eps' = eps/√(#blocks)."""
+        q = skew(vec, b)
+        eps = eps / torch.sqrt(torch.tensor(float(q.shape[0])))
+        norm = torch.norm(q, dim=(1, 2)).unsqueeze(1)  # (k, 1)
+        return torch.where(norm <= eps, vec, vec * (eps / norm))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def forward(self, spec, layer, p, x, weight, bias, training):
+        blocks = self.rotation_blocks(spec, p, training).to(x.dtype)
+        return evaluate_rotated(layer, x, weight, bias, lambda h: block_rotate(h, blocks))
+
+    def merged_weight(self, spec, layer, p, weight, bias):
+        blocks = self.rotation_blocks(spec, p).to(weight.dtype)
+        # W' = W·BD(R)ᵀ: each row of W times the transposed blocks
+        return merged_rows(weight, lambda w: block_rotate(w, blocks.transpose(-2, -1))), bias
+
+    def weight_side_ok(self, spec, training):
+        return not (training and spec.module_dropout)
+
+    def cost(self, spec, layer, tokens):
+        r, b = self.blocks(spec, layer)
+        n, d_out = rotated_dim(layer), layer.out_features
+        k = 1 if spec.block_share else r
+        if spec.use_cayley_neumann:
+            build = k * max(spec.num_cayley_neumann_terms - 2, 0) * 2 * b**3
+        else:
+            build = k * 4 * b**3  # LU solve with b right-hand sides
+        return {"activation": build + 2 * tokens * n * b, "weight": build + 2 * d_out * n * b}
+
+    # -- PEFT interop ----------------------------------------------------------------------------
+    def peft_key(self, param_name, layer):
+        return {"oft_R": "oft_R.weight"}.get(param_name, param_name)
+
+    def to_peft_config(self, spec: OFT) -> dict:
+        return {
+            "r": spec.r,
+            "oft_block_size": spec.oft_block_size,
+            "module_dropout": spec.module_dropout,
+            "coft": spec.coft,
+            "eps": spec.eps,
+            "block_share": spec.block_share,
+            "use_cayley_neumann": spec.use_cayley_neumann,
+            "num_cayley_neumann_terms": spec.num_cayley_neumann_terms,
+            "init_weights": spec.init_weights,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            # the Cayley–Neumann parametrisation changed in PEFT 0.18; ours is the current one
+            "peft_version": "0.21.2",
+        }
+
+    def from_peft_config(self, config: dict) -> OFT:
+        if config.get("bias", "none") != "none":
+            raise AdapterError("OFT checkpoint trains biases (bias != 'none'); not supported.")
+        if "oft_block_size" not in config:
+            raise AdapterError(
+                "OFT checkpoint from PEFT < 0.14 (no oft_block_size): its parametrisation differs; retrain it."
+            )
+        return OFT(
+            r=config.get("r", 0),
+            oft_block_size=config.get("oft_block_size", 32),
+            module_dropout=config.get("module_dropout", 0.0),
+            coft=config.get("coft", False),
+            eps=config.get("eps", 6e-5),
+            block_share=config.get("block_share", False),
+            use_cayley_neumann=config.get("use_cayley_neumann", True),
+            num_cayley_neumann_terms=config.get("num_cayley_neumann_terms", 5),
+            init_weights=bool(config.get("init_weights", True)),
+        )
+
+    def spec_from_tensors(self, spec: OFT, tensors: dict) -> OFT:
+        """PEFT moves a non-dividing r / oft_block_size per layer but saves the configured value:
+        when every layer's tensor agrees on one block size (or one block count), use that."""
+        shapes = [tuple(t.shape) for k, t in tensors.items() if k.endswith("oft_R.weight")]
+        if not shapes:
+            return spec
+        sizes = {block_size_from(s[1]) for s in shapes}
+        counts = {s[0] for s in shapes}
+        if spec.oft_block_size and sizes == {spec.oft_block_size}:
+            return spec
+        if spec.r and (spec.block_share or counts == {spec.r}):
+            return spec
+        if len(sizes) == 1:
+            fixed = spec.replace(r=0, oft_block_size=sizes.pop())
+        elif len(counts) == 1 and not spec.block_share:
+            fixed = spec.replace(r=counts.pop(), oft_block_size=0)
+        else:
+            return spec  # the load reports the shape mismatches per layer
+        warnings.warn(f"OFT checkpoint: config says r={spec.r}, oft_block_size={spec.oft_block_size} but the "
+                      f"tensors say r={fixed.r}, oft_block_size={fixed.oft_block_size}; using the tensors.")
+        return fixed
+
+
+register(OFTMethod())

@@ -1,0 +1,86 @@
+"""Smoke tests: every script in examples/ runs, with tiny settings and eager lowering."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_example_has_a_smoke_test():
+    scripts = {p.stem for p in EXAMPLES.glob("*.py")}
+    covered = {"bert_classifier_lora", "causal_lm_named_adapters", "conv_lokr_loha", "peft_adapter_merge_deploy"}
+    assert scripts == covered, f"add a smoke test for {sorted(scripts - covered)}"
+    for name in scripts:
+        assert "def main(" in (EXAMPLES / f"{name}.py").read_text()
+
+
+def test_bert_classifier_lora():
+    out = _load("bert_classifier_lora").main(steps=3, quiet=True, lowering="eager")
+    assert out["reloaded_same"]
+    assert 0.0 <= out["accuracy_after"] <= 1.0 and out["loss"] == out["loss"]  # finite
+
+
+def test_causal_lm_named_adapters_and_mixed_batch():
+    example = _load("causal_lm_named_adapters")
+    out = example.main(steps=2, quiet=True, lowering="eager")
+    assert {"acc_plus1_on_plus1", "acc_plus2_on_plus2", "loss_plus1", "loss_plus2"} <= set(out)
+    if not example.mixed_batch_available():
+        pytest.xfail("mixed-adapter batches (adapt_compiler/lowering/mixed.py) have not landed yet")
+    assert out["mixed_max_abs_diff"] is not None and out["mixed_max_abs_diff"] < 1e-4
+
+
+def test_conv_lokr_loha():
+    example = _load("conv_lokr_loha")
+    missing = example.methods_available()
+    if missing:
+        pytest.skip(f"methods {missing} are not registered yet (passes/lokr.py, passes/loha.py)")
+    out = example.main(steps=3, quiet=True, lowering="eager")
+    assert out["lokr"]["mse_before"] == pytest.approx(out["loha"]["mse_before"])  # both start at the base
+    for name in ("lokr", "loha"):
+        assert out[name]["merge_error"] < 1e-4
+    assert out["merged_module_error"] < 1e-4
+
+
+def test_peft_adapter_merge_deploy_export_only():
+    example = _load("peft_adapter_merge_deploy")
+    if not example.export_available():
+        pytest.skip("ac.export (adapt_compiler/export.py) has not landed yet")
+    # the AOTInductor package step compiles C++ for minutes; the smoke test stops after torch.export
+    out = example.main(steps=1, quiet=True, lowering="eager", package=False)
+    assert out["vs_peft"] < 1e-4 and out["merged_module"] < 1e-4 and out["exported"] < 1e-4
+    assert "package" not in out
+
+
+def test_readme_quick_start(tmp_path, monkeypatch, capsys):
+    """The quick start in docs/README-draft.md is copy-paste correct (Python block and shell command)."""
+    import re
+    import shlex
+
+    from adapt_compiler import cli
+
+    text = (EXAMPLES.parent / "docs" / "README-draft.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", quick, re.S)[0]
+    shell = re.findall(r"```bash\n(.*?)```", quick, re.S)[0].strip()
+    assert "ac.compile(model, spec)" in code
+    code = code.replace("ac.compile(model, spec)", 'ac.compile(model, spec, lowering="eager")')  # fast here
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README quick start", "exec"), scope)  # noqa: S102 - our own docs
+    assert (tmp_path / "my_adapter" / "adapter_config.json").is_file()
+    assert type(scope["deployable"]).__name__ == "LlamaForCausalLM"
+    argv = shlex.split(shell)
+    assert argv[0] == "adapt-compiler"
+    assert cli.main(argv[1:] + ["--quiet"]) == 0
+    assert "model.layers.1.self_attn.v_proj" in capsys.readouterr().out
