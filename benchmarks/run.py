@@ -10,7 +10,8 @@ batch 4 × 128 tokens, float32, 2 threads. Measured per method:
   merged  eval forward with the adapter folded into the weights (ours: merge(); PEFT: merge_and_unload)
   saved   bytes saved for backward in one training step (activation memory, via saved_tensors_hooks)
 Ratios are against the frozen-base step (no adapter; forward + backward to the input embeddings)
-and the base eager forward. Results: benchmarks/results.json, results.md, ratios.png.
+and the base eager forward. Also run (benchmarks/extras.py): `xlora` (vs our LoRA step) and `mixed8`
+(8 adapters in one batch). Results: benchmarks/results.json, results.md, ratios.png.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def bench_ours(model, spec, batch, steps):
 
 
 def main(argv=None):
+    from .extras import bench_mixed, bench_xlora, extras_table
     from .methods import configs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,34 +176,49 @@ def main(argv=None):
 
     model, batch = standard_model(), standard_batch()
     table = configs()
-    wanted = args.methods.split(",") if args.methods else list(table)
+    extras = ["xlora", "mixed8"]
+    wanted = args.methods.split(",") if args.methods else list(table) + extras
+    unknown = [n for n in wanted if n not in table and n not in extras]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {sorted(table) + extras}")
     results = {"config": {"hidden": 512, "layers": 4, "batch": "4x128", "threads": args.threads,
                           "torch": torch.__version__}}
     print("frozen base ...", flush=True)
     results["base"] = base = frozen_base(model, batch, args.steps)
     print(f"  base: train {base['train_ms']:.1f} ms, infer {base['infer_ms']:.1f} ms", flush=True)
-    for name in wanted:
-        spec, peft_cfg = table[name]
-        row = {}
-        for label, fn in [("ours", lambda: bench_ours(model, spec, batch, args.steps)),
-                          ("peft_eager", lambda: bench_peft(model, peft_cfg, batch, args.steps, False)),
-                          ("peft_compile", lambda: bench_peft(model, peft_cfg, batch, args.steps, True))]:
-            if label == "peft_compile" and args.no_peft_compile:
-                continue
-            print(f"{name}: {label} ...", flush=True)
-            try:
-                row[label] = fn()
-            except Exception as err:  # noqa: BLE001 - a failing peer is reported, not fatal
-                row[label] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+
+    def run_peer(name, label, fn):
+        if label == "peft_compile" and args.no_peft_compile:
+            return {"error": "skipped (--no-peft-compile)"}
+        print(f"{name}: {label} ...", flush=True)
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - a failing peer is reported, not fatal
+            return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        finally:
             torch._dynamo.reset()
             gc.collect()
-        results[name] = row
+
+    for name in wanted:
+        if name == "xlora":
+            results[name] = bench_xlora(model, batch, args.steps, lambda label, fn: run_peer(name, label, fn))
+            continue
+        if name == "mixed8":
+            results[name] = bench_mixed(model, args.steps, lambda label, fn: run_peer(name, label, fn))
+            continue
+        spec, peft_cfg = table[name]
+        results[name] = row = {
+            "ours": run_peer(name, "ours", lambda: bench_ours(model, spec, batch, args.steps)),
+            "peft_eager": run_peer(name, "peft_eager", lambda: bench_peft(model, peft_cfg, batch, args.steps, False)),
+            "peft_compile": run_peer(name, "peft_compile", lambda: bench_peft(model, peft_cfg, batch, args.steps, True)),
+        }
         print("  " + summary_line(name, row, base), flush=True)
     out = Path(args.out)
+    report = markdown_table(results) + "\n" + extras_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "results.md").write_text(markdown_table(results))
+    (out / "results.md").write_text(report)
     plot(results, out / "ratios.png")
-    print(markdown_table(results))
+    print(report)
 
 
 def _ratio(a, b):
@@ -236,7 +253,7 @@ def markdown_table(results) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
-        if name in ("config", "base") or not isinstance(row, dict):
+        if name in ("config", "base", "xlora", "mixed8") or not isinstance(row, dict):
             continue
         o, pe, pc = row.get("ours", {}), row.get("peft_eager", {}), row.get("peft_compile", {})
         mem = _ratio(o.get("saved_bytes"), pe.get("saved_bytes"))
@@ -264,7 +281,7 @@ def plot(results, path):
     except ImportError:
         return
     base = results["base"]
-    names = [n for n in results if n not in ("config", "base")]
+    names = [n for n in results if n not in ("config", "base", "xlora", "mixed8")]
     labels = ["ours", "peft_eager", "peft_compile"]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.6))
     width = 0.27
