@@ -1,5 +1,5 @@
 """`adapt-compiler` command: demo, inspect, export, bench. Each subcommand lives in `commands/<name>.py`
-and exposes `add_parser(subparsers)` and `run(args) -> int`."""
+and exposes `add_parser(subparsers)` and `run(args) -> int`; modules starting with `_` are shared helpers."""
 
 from __future__ import annotations
 

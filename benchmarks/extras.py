@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from .methods import ATTN
-from .run import infer_fn, randomize, saved_bytes, standard_batch, timeit, train_step_fn
+from .run import bench_peft, infer_fn, randomize, saved_bytes, standard_batch, timeit, train_step_fn
 
 
 def _expert_dirs(model, root, n=4, r=16):
@@ -54,18 +54,8 @@ def bench_xlora(model, batch, steps, run_peer) -> dict:
             return res
 
         def theirs(compiled):
-            def run():
-                pm = peft.get_peft_model(copy.deepcopy(model), peft.XLoraConfig(
-                    task_type="CAUSAL_LM", hidden_size=hidden, adapters=dirs)).train()
-                params = [p for p in pm.parameters() if p.requires_grad]
-                randomize(params)
-                runner = torch.compile(pm) if compiled else pm
-                step = train_step_fn(runner, params, batch)
-                res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
-                pm.eval()
-                res["infer_ms"] = timeit(infer_fn(runner, batch), steps)
-                return res
-            return run
+            config = lambda: peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=dirs)  # noqa: E731
+            return lambda: bench_peft(model, config, batch, steps, compiled, merge=False)
 
         return {"ours": run_peer("ours", ours), "peft_eager": run_peer("peft_eager", theirs(False)),
                 "peft_compile": run_peer("peft_compile", theirs(True))}

@@ -120,7 +120,7 @@ def frozen_base(model, batch, steps):
     }
 
 
-def bench_peft(model, peft_cfg, batch, steps, compiled: bool):
+def bench_peft(model, peft_cfg, batch, steps, compiled: bool, merge: bool = True):
     import peft
 
     pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg()).train()
@@ -131,6 +131,8 @@ def bench_peft(model, peft_cfg, batch, steps, compiled: bool):
     res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
     pm.eval()
     res["infer_ms"] = timeit(infer_fn(runner, batch), steps)
+    if not merge:  # X-LoRA: no weight form
+        return res
     try:
         merged = pm.merge_and_unload()
         merged_runner = torch.compile(merged) if compiled else merged

@@ -88,3 +88,56 @@ def compare_grads(m, peft_model, adapter_name="default", rtol=1e-5, atol=1e-6):
     assert set(ours) == set(theirs), f"grad keys differ: {sorted(set(ours) ^ set(theirs))[:5]}"
     for k in ours:
         assert_close(ours[k], theirs[k], rtol=rtol, atol=atol, what=f"grad {k}")
+
+
+def call_model(m, batch):
+    """Token batches are dicts of keyword inputs; image batches are one positional tensor."""
+    return m(**batch) if isinstance(batch, dict) else m(batch)
+
+
+def assert_peft_checkpoint_round_trip(base, batch, peft_cfg, spec, tmp_path, keys):
+    """PEFT dir -> ours gives PEFT's outputs and the same spec; ours -> PEFT keeps PEFT's key names and outputs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    pm = peft_twin(base, peft_cfg)
+    randomize_(pm, keys)
+    want = logits_of(call_model(pm, batch))
+    pm.save_pretrained(tmp_path / "peft")
+    m = ac.compile(base, str(tmp_path / "peft"), lowering="eager")
+    assert m.state.specs["default"] == spec.replace(targets=m.state.specs["default"].targets)
+    assert_close(logits_of(call_model(m, batch)), want, what="PEFT dir -> ours")
+    m.save_adapter(tmp_path / "ours")
+    theirs_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == theirs_keys
+    pm2 = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_close(logits_of(call_model(pm2, batch)), want, what="ours -> PeftModel.from_pretrained")
+
+
+def square_loss(out):
+    return logits_of(out).square().mean()
+
+
+def peft_pair(base, peft_cfg, spec, keys, seed=0):
+    """A PEFT model with random adapter weights (the tensors whose names contain `keys`) and ours loaded from it."""
+    pm = peft_twin(base, peft_cfg)
+    randomize_(pm, keys, seed=seed)
+    return pm, ours_from_peft(base, pm, spec)
+
+
+def check_vs_peft(base, peft_cfg, spec, batch, keys, train=False, seed=None):
+    """Outputs and adapter gradients equal PEFT's; `seed` re-seeds before each forward (dropout in train)."""
+    pm, m = peft_pair(base, peft_cfg, spec, keys)
+    pm.train(train)
+    m.train(train)
+    if seed is not None:
+        torch.manual_seed(seed)
+    theirs = call_model(pm, batch)
+    if seed is not None:
+        torch.manual_seed(seed)
+    ours = call_model(m, batch)
+    assert_close(logits_of(ours), logits_of(theirs))
+    square_loss(ours).backward()
+    square_loss(theirs).backward()
+    compare_grads(m, pm)
+    return m, pm

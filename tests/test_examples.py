@@ -63,13 +63,13 @@ def test_peft_adapter_merge_deploy_export_only():
 
 
 def test_readme_quick_start(tmp_path, monkeypatch, capsys):
-    """The quick start in docs/README-draft.md is copy-paste correct (Python block and shell command)."""
+    """The quick start in README.md is copy-paste correct (Python block and shell command)."""
     import re
     import shlex
 
     from adapt_compiler import cli
 
-    text = (EXAMPLES.parent / "docs" / "README-draft.md").read_text()
+    text = (EXAMPLES.parent / "README.md").read_text()
     quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", quick, re.S)[0]
     shell = re.findall(r"```bash\n(.*?)```", quick, re.S)[0].strip()

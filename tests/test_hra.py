@@ -8,36 +8,25 @@ import torch
 
 import adapt_compiler as ac
 from models import image_batch, tiny_convnet, tiny_llama, token_batch
-from oracle import assert_close, compare_grads, logits_of, ours_from_peft, peft_twin, randomize_
+from oracle import (assert_close, call_model, check_vs_peft, logits_of, ours_from_peft,
+                    peft_pair, peft_twin, randomize_, square_loss)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CONVS = ["conv1", "conv2", "down", "proj"]
 
 
+KEYS = ("hra_u",)
+
+
 def _pair(base, cfg, spec, seed=0):
-    pm = peft_twin(base, cfg)
-    randomize_(pm, ("hra_u",), seed=seed)
-    return pm, ours_from_peft(base, pm, spec)
+    return peft_pair(base, cfg, spec, KEYS, seed)
 
 
-def _run(m, batch):
-    return m(**batch) if isinstance(batch, dict) else m(batch)
+def _check_vs_peft(base, cfg, spec, batch, **kw):
+    return check_vs_peft(base, cfg, spec, batch, KEYS, **kw)
 
 
-def _loss(out):
-    return logits_of(out).square().mean()
-
-
-def _check_vs_peft(base, cfg, spec, batch, train=False):
-    pm, m = _pair(base, cfg, spec)
-    pm.train(train)
-    m.train(train)
-    ours, theirs = _run(m, batch), _run(pm, batch)
-    assert_close(logits_of(ours), logits_of(theirs))
-    _loss(ours).backward()
-    _loss(theirs).backward()
-    compare_grads(m, pm)
-    return m, pm
+_run, _loss = call_model, square_loss
 
 
 @pytest.mark.parametrize("gs", [False, True])

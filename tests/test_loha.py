@@ -16,8 +16,8 @@ from adapt_compiler.lowering.cost import TOKENS
 from adapt_compiler.passes import METHODS
 from adapt_compiler.passes.method import Layer
 from models import image_batch, tiny_convnet, tiny_llama, token_batch
-from oracle import (adapter_grads_ours, adapter_grads_peft, assert_close, compare_grads, logits_of,
-                    ours_from_peft, peft_twin, randomize_)
+from oracle import (adapter_grads_ours, adapter_grads_peft, assert_close, assert_peft_checkpoint_round_trip,
+                    call_model, compare_grads, logits_of, ours_from_peft, peft_twin, randomize_)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CONVS = ["conv_in", "conv1", "conv2", "down", "proj"]  # 3×3 (incl. 3→8 and stride 2) and a 1×1
@@ -35,8 +35,7 @@ def correct_peft_cp(monkeypatch):
     monkeypatch.setattr(peft_loha, "make_weight_cp", _autograd_cp)
 
 
-def _call(m, batch):
-    return m(**batch) if isinstance(batch, dict) else m(batch)
+_call = call_model
 
 
 def _check(base, peft_cfg, spec, batch, orders=("activation", "weight"), loss_of=None, train=False):
@@ -229,22 +228,7 @@ def test_checkpoint_round_trips(case, tmp_path, correct_peft_cp):
         base, batch = tiny_convnet(), image_batch()
         cfg = peft.LoHaConfig(r=3, alpha=4, target_modules=CONVS, use_effective_conv2d=True)
         spec = ac.LoHa(r=3, alpha=4, targets=CONVS, use_effective_conv2d=True)
-    pm = peft_twin(base, cfg)
-    randomize_(pm, KEYS)
-    want = logits_of(_call(pm, batch))
-    # PEFT -> ours
-    pm.save_pretrained(tmp_path / "peft")
-    m = ac.compile(base, str(tmp_path / "peft"), lowering="eager")
-    assert m.state.specs["default"] == spec.replace(targets=m.state.specs["default"].targets)
-    assert_close(logits_of(_call(m, batch)), want, what="PEFT dir -> ours")
-    # ours -> PEFT, with PEFT's exact key names
-    m.save_adapter(tmp_path / "ours")
-    from safetensors.torch import load_file
-
-    theirs_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == theirs_keys
-    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    assert_close(logits_of(_call(pm2, batch)), want, what="ours -> PeftModel.from_pretrained")
+    assert_peft_checkpoint_round_trip(base, batch, cfg, spec, tmp_path, KEYS)
 
 
 def test_errors_name_the_layer_and_change_nothing(tmp_path):

@@ -2,9 +2,10 @@
 
     adapt-compiler export --model MODEL --adapter DIR [--merge | --no-merge] --format pt2|onnx|ep --out PATH
 
-MODEL is `python:package.module:factory` (a function returning an nn.Module; the `python:` prefix is
-optional), a transformers config JSON file (the architecture with random weights, for trying the
-pipeline), or a local transformers model directory (config + weights). Example inputs are token ids
+MODEL is what `commands/_models.py` understands: `python:package.module:factory` (a function returning
+an nn.Module; the `python:` prefix is optional), a transformers config JSON file (the architecture
+with random weights, for trying the pipeline), a local transformers model directory (config +
+weights), or a builtin tiny model name. Example inputs are token ids
 of shape (--batch, --seq) for models with a vocabulary, or what `--inputs python:module:fn` returns.
 Formats: pt2 = AOTInductor package, onnx = ONNX model, ep = torch.export.save of the program.
 """
@@ -12,8 +13,6 @@ Formats: pt2 = AOTInductor package, onnx = ONNX model, ep = torch.export.save of
 from __future__ import annotations
 
 import contextlib
-import importlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,9 @@ from pathlib import Path
 def add_parser(sub):
     p = sub.add_parser("export", help="export a model + PEFT adapter as an AOTInductor package, ONNX or ExportedProgram",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True,
-                   help="python:module:factory | path to a transformers config.json | a local transformers model dir")
+    from ._models import MODEL_HELP
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + weights)")
     p.add_argument("--merge", dest="merge", action="store_true", default=None,
                    help="fold the adapter into the weights (default when the method is mergeable)")
@@ -75,82 +75,23 @@ def _error(msg: str):
     return ExportError(msg)
 
 
-def _load_python(ref: str, what: str):
-    ref = ref.removeprefix("python:")
-    mod_name, sep, attr = ref.partition(":")
-    if not sep or not mod_name or not attr:
-        raise _error(f"{what} {ref!r}: expected python:package.module:function (e.g. python:my_models:make_llama).")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`: modules in the working directory are importable
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as err:
-        raise _error(f"{what}: cannot import module {mod_name!r} ({err}); check the name and PYTHONPATH.") from err
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise _error(f"{what}: module {mod_name!r} has no attribute {attr!r}.")
-    return fn() if callable(fn) else fn
-
-
 def _load_model(ref: str):
-    from torch import nn
+    from ._models import load_model
 
-    path = Path(ref)
-    if ref.startswith("python:") or (":" in ref and not path.exists()):
-        model = _load_python(ref, "--model")
-    elif path.is_file() and path.suffix == ".json":
-        model = _from_config(path)
-    elif path.is_dir() and (path / "config.json").is_file():
-        model = _from_pretrained(path)
-    else:
-        raise _error(f"--model {ref!r}: not found; pass python:module:factory, a transformers config .json file, "
-                     f"or a local transformers model directory.")
-    if not isinstance(model, nn.Module):
-        raise _error(f"--model {ref!r} gave a {type(model).__name__}, not a torch.nn.Module.")
+    model = load_model(ref)
     model.eval()
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False  # export the plain forward (no KV cache objects)
     return model
 
 
-def _model_class(config):
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
-
-
-def _from_config(path: Path):
-    try:
-        from transformers import AutoConfig
-    except ImportError as err:
-        raise _error("--model: a config .json needs transformers installed.") from err
-    try:
-        data = json.loads(path.read_text())
-        config = AutoConfig.for_model(**data) if "model_type" in data else None
-    except (json.JSONDecodeError, ValueError, KeyError) as err:
-        raise _error(f"--model {path}: not a transformers config ({err}).") from err
-    if config is None:
-        raise _error(f"--model {path}: no 'model_type' field; is this a transformers config.json?")
-    cls = _model_class(config)
-    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-
-
-def _from_pretrained(path: Path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(path))
-    return _model_class(config).from_pretrained(str(path))
-
-
 def _example_inputs(model, args):
     import torch
 
     if args.inputs:
-        inputs = _load_python(args.inputs, "--inputs")
+        from ._models import import_object
+
+        inputs = import_object(args.inputs, "--inputs")
     else:
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if not vocab:
