@@ -204,9 +204,11 @@ def main(argv=None):
     for name in wanted:
         if name == "xlora":
             results[name] = bench_xlora(model, batch, args.steps, lambda label, fn: run_peer(name, label, fn))
+            print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
             continue
         if name == "mixed8":
             results[name] = bench_mixed(model, args.steps, lambda label, fn: run_peer(name, label, fn))
+            print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
             continue
         spec, peft_cfg = table[name]
         results[name] = row = {
@@ -216,6 +218,7 @@ def main(argv=None):
         }
         print("  " + summary_line(name, row, base), flush=True)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     report = markdown_table(results) + "\n" + extras_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(report)
