@@ -7,6 +7,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 
 from . import commands
 
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # torch 2.13's own export internals deep-copy pytree specs and trip this deprecation on every
+    # capture; it is not about user code, and it buries the commands' output
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
