@@ -38,6 +38,9 @@ def standard_model(seed=0):
     return LlamaForCausalLM(cfg).eval()
 
 
+EXTRAS = ("xlora", "mixed8", "infer_interleaved")  # rows that are not "one adapter vs the frozen base"
+
+
 def standard_batch(batch=4, seq=128, vocab=2000, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -170,6 +173,7 @@ def bench_ours(model, spec, batch, steps):
 
 def main(argv=None):
     from .extras import bench_mixed, bench_xlora, extras_table
+    from .interleaved import bench_interleaved_inference, interleaved_table
     from .methods import configs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -183,7 +187,7 @@ def main(argv=None):
 
     model, batch = standard_model(), standard_batch()
     table = configs()
-    extras = ["xlora", "mixed8"]
+    extras = list(EXTRAS)
     wanted = args.methods.split(",") if args.methods else list(table) + extras
     unknown = [n for n in wanted if n not in table and n not in extras]
     if unknown:
@@ -211,6 +215,10 @@ def main(argv=None):
             results[name] = bench_xlora(model, batch, args.steps, lambda label, fn: run_peer(name, label, fn))
             print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
             continue
+        if name == "infer_interleaved":
+            results[name] = run_peer(name, "ours", lambda: bench_interleaved_inference(model, batch))
+            print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
+            continue
         if name == "mixed8":
             results[name] = bench_mixed(model, args.steps, lambda label, fn: run_peer(name, label, fn))
             print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
@@ -224,7 +232,7 @@ def main(argv=None):
         print("  " + summary_line(name, row, base), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = markdown_table(results) + "\n" + extras_table(results)
+    report = markdown_table(results) + "\n" + extras_table(results) + "\n" + interleaved_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(report)
     plot(results, out / "ratios.png")
@@ -265,7 +273,7 @@ def markdown_table(results) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
-        if name in ("config", "base", "xlora", "mixed8") or not isinstance(row, dict):
+        if name in ("config", "base", *EXTRAS) or not isinstance(row, dict):
             continue
         o, pe, pc = row.get("ours", {}), row.get("peft_eager", {}), row.get("peft_compile", {})
         lines.append(
@@ -297,7 +305,7 @@ def plot(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    names = [n for n in results if n not in ("config", "base", "xlora", "mixed8")]
+    names = [n for n in results if n not in ("config", "base", *EXTRAS)]
     bars = [("train step ÷ PEFT eager", "train_ms", "peft_eager"),
             ("train step ÷ PEFT + torch.compile", "train_ms", "peft_compile"),
             ("unmerged forward ÷ PEFT eager", "infer_ms", "peft_eager")]
