@@ -10,7 +10,7 @@ batch 4 × 128 tokens, float32, 2 threads. Measured per method:
   merged  eval forward with the adapter folded into the weights (ours: merge(); PEFT: merge_and_unload)
   saved   bytes saved for backward in one training step (activation memory, via saved_tensors_hooks)
 Ratios are against the frozen-base step (no adapter; forward + backward to the input embeddings)
-and the base eager forward. Also run (benchmarks/extras.py): `xlora` (vs our LoRA step) and `mixed8`
+and the base forward, eager and compiled; each method's row times the base and its peers in turns. Also run (benchmarks/extras.py): `xlora` (vs our LoRA step) and `mixed8`
 (8 adapters in one batch). Results: benchmarks/results.json, results.md, ratios.png.
 """
 
@@ -99,33 +99,135 @@ def infer_fn(module, batch):
     return run
 
 
-def frozen_base(model, batch, steps):
-    base = copy.deepcopy(model)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    emb = base.get_input_embeddings()
+def time_in_turns(fns: dict, steps: int, warmup: int = 3) -> dict:
+    """Median ms of each callable, timed in turns (a, b, c, a, b, c, ...).
 
-    def step():
-        x = emb(batch["input_ids"]).detach().requires_grad_()
-        base(inputs_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    On a shared 2-core machine speed drifts by 10-30 % over minutes; timing the peers of one row
+    in turns makes the drift hit all of them alike, so their ratios stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
-    compiled = torch.compile(base)
 
-    def step_c():  # the fair baseline for compiled peers (ours, PEFT + torch.compile)
-        x = emb(batch["input_ids"]).detach().requires_grad_()
-        compiled(inputs_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+class FrozenBase:
+    """The standard model with no adapter, eager and compiled: training step and eval forward.
 
-    def infer_c():
-        with torch.no_grad():
-            compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    The training step is forward + backward to the input embeddings (nothing else needs a grad)."""
 
-    return {
-        "train_ms": timeit(step, steps),
-        "infer_ms": timeit(infer_fn(base, batch), steps),
-        "infer_compiled_ms": timeit(infer_c, steps),
-        "train_compiled_ms": timeit(step_c, steps),
-        "saved_bytes": saved_bytes(step),
-    }
+    def __init__(self, model, batch):
+        base = copy.deepcopy(model)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        emb = base.get_input_embeddings()
+        compiled = torch.compile(base)
+
+        def step_of(runner):
+            def step():
+                x = emb(batch["input_ids"]).detach().requires_grad_()
+                runner(inputs_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+            return step
+
+        self.train = {"base_eager": step_of(base), "base_compiled": step_of(compiled)}
+        self.infer = {"base_eager": infer_fn(base, batch), "base_compiled": infer_fn(compiled, batch)}
+        self.saved_bytes = saved_bytes(self.train["base_eager"])
+
+    @staticmethod
+    def summary(train: dict, infer: dict) -> dict:
+        return {"train_ms": train["base_eager"], "train_compiled_ms": train["base_compiled"],
+                "infer_ms": infer["base_eager"], "infer_compiled_ms": infer["base_compiled"]}
+
+    def measure(self, steps) -> dict:
+        out = self.summary(time_in_turns(self.train, steps), time_in_turns(self.infer, steps))
+        out["saved_bytes"] = self.saved_bytes
+        return out
+
+
+def _runnable(fns: dict, errors: dict) -> dict:
+    """The callables that run once (this also compiles them); a failing peer is reported, not fatal."""
+    ok = {}
+    for k, fn in fns.items():
+        try:
+            fn()
+            ok[k] = fn
+        except Exception as err:  # noqa: BLE001
+            errors[k] = f"{type(err).__name__}: {str(err)[:200]}"
+    return ok
+
+
+def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compile: bool = True) -> dict:
+    """One method: the frozen base (eager, compiled), ours, PEFT eager and PEFT + torch.compile,
+    timed in turns for the training step, the unmerged forward and the merged forward."""
+    import peft
+
+    import adapt_compiler as ac
+
+    errors: dict = {}
+    runners, params = {}, {}
+    try:
+        m = ac.compile(model, spec()).train()
+        runners["ours"], params["ours"] = m, m.adapter_parameters()
+    except Exception as err:  # noqa: BLE001
+        m, errors["ours"] = None, f"{type(err).__name__}: {str(err)[:200]}"
+    try:
+        pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg()).train()
+        runners["peft_eager"] = pm
+        params["peft_eager"] = params["peft_compile"] = [p for p in pm.parameters() if p.requires_grad]
+        if peft_compile:
+            runners["peft_compile"] = torch.compile(pm)
+    except Exception as err:  # noqa: BLE001
+        pm, errors["peft"] = None, f"{type(err).__name__}: {str(err)[:200]}"
+    for k in ("ours", "peft_eager"):
+        if k in params:
+            randomize(params[k])
+    peers = {k: {} for k in runners}
+
+    train_fns = _runnable({k: train_step_fn(r, params[k], batch) for k, r in runners.items()}, errors)
+    train = time_in_turns({**base.train, **train_fns}, steps)
+    for k, fn in train_fns.items():
+        peers[k]["train_ms"], peers[k]["saved_bytes"] = train[k], saved_bytes(fn)
+
+    for r in (m, pm):
+        if r is not None:
+            r.eval()
+    infer_fns = _runnable({k: infer_fn(r, batch) for k, r in runners.items()}, errors)
+    infer = time_in_turns({**base.infer, **infer_fns}, steps)
+    for k in infer_fns:
+        peers[k]["infer_ms"] = infer[k]
+
+    merged_fns = {}
+    if m is not None:
+        try:
+            m.merge()
+            merged_fns["ours"] = infer_fn(m, batch)
+        except ac.AdapterError as err:
+            errors["ours_merge"] = str(err)[:200]
+        peers["ours"]["orders"] = sorted({r.order for r in m.report().rows})
+    if pm is not None:
+        try:
+            merged = pm.merge_and_unload()
+            merged_fns["peft_eager"] = infer_fn(merged, batch)
+            if peft_compile:
+                merged_fns["peft_compile"] = infer_fn(torch.compile(merged), batch)
+        except Exception as err:  # noqa: BLE001 - methods without a merge
+            errors["peft_merge"] = f"{type(err).__name__}: {str(err)[:200]}"
+    merged_fns = _runnable(merged_fns, errors)
+    merged_t = time_in_turns({**base.infer, **merged_fns}, steps)
+    for k in merged_fns:
+        peers[k]["merged_ms"] = merged_t[k]
+    row = {"base": FrozenBase.summary(train, infer), **peers}
+    row["base"]["infer_for_merged_ms"] = merged_t["base_eager"]
+    row["base"]["infer_compiled_for_merged_ms"] = merged_t["base_compiled"]
+    if errors:
+        row["errors"] = errors
+    return row
 
 
 def bench_peft(model, peft_cfg, batch, steps, compiled: bool, merge: bool = True):
@@ -148,26 +250,6 @@ def bench_peft(model, peft_cfg, batch, steps, compiled: bool, merge: bool = True
     except Exception as err:  # noqa: BLE001 - methods without a merge
         res["merged_ms"] = None
         res["merge_error"] = type(err).__name__
-    return res
-
-
-def bench_ours(model, spec, batch, steps):
-    import adapt_compiler as ac
-
-    m = ac.compile(model, spec()).train()
-    params = m.adapter_parameters()
-    randomize(params)
-    step = train_step_fn(m, params, batch)
-    res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
-    m.eval()
-    res["infer_ms"] = timeit(infer_fn(m, batch), steps)
-    try:
-        m.merge()
-        res["merged_ms"] = timeit(infer_fn(m, batch), steps)
-        m.unmerge()
-    except ac.AdapterError:
-        res["merged_ms"] = None
-    res["orders"] = sorted({r.order for r in m.report().rows})
     return res
 
 
@@ -195,7 +277,8 @@ def main(argv=None):
     results = {"config": {"hidden": 512, "layers": 4, "batch": "4x128", "threads": args.threads,
                           "torch": torch.__version__}}
     print("frozen base ...", flush=True)
-    results["base"] = base = frozen_base(model, batch, args.steps)
+    frozen = FrozenBase(model, batch)
+    results["base"] = base = frozen.measure(args.steps)
     print(f"  base: train {base['train_ms']:.1f} ms, infer {base['infer_ms']:.1f} ms", flush=True)
 
     def run_peer(name, label, fn):
@@ -224,12 +307,13 @@ def main(argv=None):
             print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
             continue
         spec, peft_cfg = table[name]
-        results[name] = row = {
-            "ours": run_peer(name, "ours", lambda: bench_ours(model, spec, batch, args.steps)),
-            "peft_eager": run_peer(name, "peft_eager", lambda: bench_peft(model, peft_cfg, batch, args.steps, False)),
-            "peft_compile": run_peer(name, "peft_compile", lambda: bench_peft(model, peft_cfg, batch, args.steps, True)),
-        }
-        print("  " + summary_line(name, row, base), flush=True)
+        print(f"{name}: base, ours, PEFT eager{'' if args.no_peft_compile else ', PEFT compile'} in turns ...",
+              flush=True)
+        results[name] = row = bench_row(model, spec, peft_cfg, batch, args.steps, frozen,
+                                        peft_compile=not args.no_peft_compile)
+        torch._dynamo.reset()
+        gc.collect()
+        print("  " + summary_line(name, row, row["base"]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = markdown_table(results) + "\n" + extras_table(results) + "\n" + interleaved_table(results)
@@ -261,10 +345,9 @@ def _fmt(x):
 
 def markdown_table(results) -> str:
     base = results["base"]
-    tc, ic = base.get("train_compiled_ms"), base["infer_compiled_ms"]
     lines = [
-        f"Frozen base: train step {base['train_ms']:.1f} ms eager, {_ms(tc)} compiled; forward "
-        f"{base['infer_ms']:.1f} ms eager, {ic:.1f} ms compiled "
+        f"Frozen base: train step {base['train_ms']:.1f} ms eager, {_ms(base.get('train_compiled_ms'))} compiled; "
+        f"forward {base['infer_ms']:.1f} ms eager, {base['infer_compiled_ms']:.1f} ms compiled "
         f"({results['config']['threads']} threads, torch {results['config']['torch']}).",
         "",
         "| method | train ÷ eager base: ours | PEFT eager | PEFT compile | ours ÷ compiled base "
@@ -272,24 +355,32 @@ def markdown_table(results) -> str:
         "| merged fwd ÷ compiled base: ours | saved-for-backward: ours ÷ PEFT | order |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for name, row in results.items():
         if name in ("config", "base", *EXTRAS) or not isinstance(row, dict):
             continue
+        b = row.get("base", base)  # the base timed in turns with this row's peers
         o, pe, pc = row.get("ours", {}), row.get("peft_eager", {}), row.get("peft_compile", {})
         lines.append(
-            f"| {name} | {_fmt(_ratio(o.get('train_ms'), base['train_ms']))} "
-            f"| {_fmt(_ratio(pe.get('train_ms'), base['train_ms']))} "
-            f"| {_fmt(_ratio(pc.get('train_ms'), base['train_ms']))} "
-            f"| {_fmt(_ratio(o.get('train_ms'), tc))} "
+            f"| {name} | {_fmt(_ratio(o.get('train_ms'), b['train_ms']))} "
+            f"| {_fmt(_ratio(pe.get('train_ms'), b['train_ms']))} "
+            f"| {_fmt(_ratio(pc.get('train_ms'), b['train_ms']))} "
+            f"| {_fmt(_ratio(o.get('train_ms'), b.get('train_compiled_ms')))} "
             f"| {_fmt(_ratio(o.get('train_ms'), pc.get('train_ms')))} "
-            f"| {_fmt(_ratio(o.get('infer_ms'), ic))} "
-            f"| {_fmt(_ratio(pe.get('infer_ms'), base['infer_ms']))} "
-            f"| {_fmt(_ratio(o.get('merged_ms'), ic))} "
+            f"| {_fmt(_ratio(o.get('infer_ms'), b['infer_compiled_ms']))} "
+            f"| {_fmt(_ratio(pe.get('infer_ms'), b['infer_ms']))} "
+            f"| {_fmt(_ratio(o.get('merged_ms'), b.get('infer_compiled_for_merged_ms', b['infer_compiled_ms'])))} "
             f"| {_fmt(_ratio(o.get('saved_bytes'), pe.get('saved_bytes')))} | {','.join(o.get('orders', []))} |"
         )
+        for who, err in row.get("errors", {}).items():
+            notes.append(f"- {name}, {who}: `{err}`")
     lines.append("")
     lines.append("Ours runs through Inductor (`ac.compile`'s default), so its fair baseline is the compiled "
-                 "frozen base; PEFT eager is compared with the eager base. Medians of the timed steps.")
+                 "frozen base; PEFT eager is compared with the eager base. Each row times its peers and the "
+                 "base in turns (medians), so machine drift hits them alike. – : not measured (no merge, or "
+                 "the peer failed).")
+    if notes:
+        lines += ["", "Not measured:", *notes]
     return "\n".join(lines) + "\n"
 
 

@@ -58,6 +58,20 @@ def gram_schmidt(u):
     return torch.cat(cols, dim=1)  # (d, r), orthonormal columns
 
 
+def compact_wy(u: torch.Tensor) -> torch.Tensor:
+    """T of the compact WY form H₀H₁⋯H_{r−1} = I − U T Uᵀ for unit columns uᵢ (Hᵢ = I − 2uᵢuᵢᵀ).
+
+    T is upper triangular with T⁻¹ = ½·I + strict_upper(UᵀU) (Schreiber & Van Loan's forward
+    accumulation, closed form). Solved in float32 at least: half-precision triangular solves are
+    not available on every backend and r is small.
+    """
+    dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
+    g = u.to(dtype).t() @ u.to(dtype)
+    eye = torch.eye(g.shape[0], dtype=dtype, device=u.device)
+    t = torch.linalg.solve_triangular(torch.triu(g, diagonal=1) + 0.5 * eye, eye, upper=True)
+    return t.to(u.dtype)
+
+
 class HRAMethod(WeightMethod):
     name = "hra"
     peft_type = "HRA"
@@ -90,12 +104,9 @@ class HRAMethod(WeightMethod):
             q = gram_schmidt(u)  # H symmetric: h·H = h·Hᵀ = h − 2(h·Q)Qᵀ
             return h - 2 * (h @ q) @ q.t()
         u = u / u.norm(dim=0)
-        # h·H = h·H₀⋯H_{r−1} applies H₀ first; h·Hᵀ = h·H_{r−1}⋯H₀ applies H_{r−1} first
-        order = range(u.shape[1] - 1, -1, -1) if transpose else range(u.shape[1])
-        for i in order:
-            ui = u[:, i]
-            h = h - 2 * (h @ ui).unsqueeze(-1) * ui  # rank-1 update, O(rows·d)
-        return h
+        t = compact_wy(u)  # H = H₀⋯H_{r−1} = I − Û T Ûᵀ
+        # two thin GEMMs instead of r memory-bound rank-1 passes over h (and r saved copies of h)
+        return h - ((h @ u) @ (t.t() if transpose else t)) @ u.t()
 
     def forward(self, spec, layer, p, x, weight, bias, training):
         u = p["hra_u"].to(x.dtype)
