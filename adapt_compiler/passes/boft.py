@@ -7,7 +7,10 @@
 Pᵢ is PEFT's `block_butterfly_perm(n, D/2ⁱ, b/2)`: inside each chunk of b·2ⁱ inputs the width-b/2
 sub-blocks are reordered evens first, then odds (P₀ = I). As a view: x·Pᵢᵀ = x[…, perm] is
 x.view(…, chunks, m/2, 2, b/2).transpose(-3, -2), and x·Pᵢ its inverse, so the permutations cost no
-FLOPs and no dense matrix; each factor is one batched (D, b, b) matmul.
+FLOPs and no dense matrix; each factor is one batched (D, b, b) matmul. Factor i mixes only inside
+chunks of b·2ⁱ, so M is block diagonal with blocks of B = b·2^(N−1): when that is not much wider than
+N factors' work (`dense_blocks_pay`), the blocks are built once per call from B rows and x·M is ONE
+batched matmul over x (one pass instead of N permute/matmul/permute passes).
 
 Shapes come from the tensors: PEFT on CPU silently trains with ONE butterfly factor while its config
 keeps the requested N, so a checkpoint's boft_R shape wins over its config (`spec_from_tensors`).

@@ -5,9 +5,10 @@
     y = x · Hᵀ · Wᵀ + b       W' = W · H
 
 Evaluation orders (never the dense d×d H that PEFT builds every call):
-* activation: x·Hᵀ = x·H_{r−1}⋯H₀, r rank-1 updates x ← x − 2(x·ûᵢ)ûᵢᵀ, 4·T·d·r FLOPs
-  (apply_GS: x − 2(x·Û)Ûᵀ, two thin matmuls);
-* weight: W' = W·H₀⋯H_{r−1}, the same updates on W's rows, 4·d_out·d·r FLOPs.
+* activation: x·Hᵀ = x·H_{r−1}⋯H₀ in the compact WY form H = I − Û T Ûᵀ (T: r×r upper triangular,
+  `compact_wy`), x − ((x·Û)·Tᵀ)·Ûᵀ: two thin matmuls, 4·T·d·r FLOPs, one pass over x instead of r
+  rank-1 passes (apply_GS: T = 2I, x − 2(x·Û)Ûᵀ);
+* weight: W' = W·H₀⋯H_{r−1}, the same form on W's rows, 4·d_out·d·r FLOPs.
 
 Init (PEFT): r even -> r/2 kaiming columns each repeated twice, so consecutive reflections cancel
 and H = I; r odd -> kaiming (H ≠ I, with PEFT's warning). With apply_GS, H = I − 2ÛÛᵀ is never I.
