@@ -8,13 +8,10 @@ each gets the median of its turns, so drift hits all three alike.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from .methods import ATTN
-from .run import infer_fn, randomize
+from .run import infer_fn, randomize, time_in_turns
 
 
 def bench_interleaved_inference(model, batch, rounds: int = 30) -> dict:
@@ -30,16 +27,7 @@ def bench_interleaved_inference(model, batch, rounds: int = 30) -> dict:
     merged.merge()
     runs = {"base_compiled": infer_fn(base, batch), "ours_unmerged": infer_fn(unmerged, batch),
             "ours_merged": infer_fn(merged, batch)}
-    for fn in runs.values():  # capture + compile + warm up
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    out = {f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()}
+    out = {f"{k}_ms": v for k, v in time_in_turns(runs, rounds).items()}  # warm-up compiles
     out["rounds"] = rounds
     return out
 
