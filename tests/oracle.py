@@ -118,16 +118,16 @@ def square_loss(out):
     return logits_of(out).square().mean()
 
 
-def peft_pair(base, peft_cfg, spec, keys, seed=0):
+def peft_pair(base, peft_cfg, spec, *, keys, seed=0):
     """A PEFT model with random adapter weights (the tensors whose names contain `keys`) and ours loaded from it."""
     pm = peft_twin(base, peft_cfg)
     randomize_(pm, keys, seed=seed)
     return pm, ours_from_peft(base, pm, spec)
 
 
-def check_vs_peft(base, peft_cfg, spec, batch, keys, train=False, seed=None):
+def check_vs_peft(base, peft_cfg, spec, batch, *, keys, train=False, seed=None):
     """Outputs and adapter gradients equal PEFT's; `seed` re-seeds before each forward (dropout in train)."""
-    pm, m = peft_pair(base, peft_cfg, spec, keys)
+    pm, m = peft_pair(base, peft_cfg, spec, keys=keys)
     pm.train(train)
     m.train(train)
     if seed is not None:

@@ -5,6 +5,7 @@ the PEFT twin gets a CPU stand-in for `fbd_cuda` (block-diag forward, block-extr
 """
 
 import copy
+from functools import partial
 import json
 
 import peft
@@ -15,7 +16,7 @@ from peft.tuners.boft import layer as boft_layer
 import adapt_compiler as ac
 from models import image_batch, tiny_convnet, tiny_llama, token_batch
 from oracle import (assert_close, call_model, check_vs_peft, logits_of, ours_from_peft,
-                    peft_pair, peft_twin, randomize_, square_loss)
+                    peft_pair, peft_twin, randomize_)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CONVS = ["conv1", "conv2", "down", "proj"]
@@ -43,15 +44,8 @@ def _fbd_stub(monkeypatch):
 KEYS = ("boft_",)
 
 
-def _pair(base, cfg, spec, seed=0):
-    return peft_pair(base, cfg, spec, KEYS, seed)
-
-
-def _check_vs_peft(base, cfg, spec, batch, **kw):
-    return check_vs_peft(base, cfg, spec, batch, KEYS, **kw)
-
-
-_run, _loss = call_model, square_loss
+_pair = partial(peft_pair, keys=KEYS)
+_check_vs_peft = partial(check_vs_peft, keys=KEYS)
 
 
 OPTIONS = {
@@ -102,7 +96,7 @@ def test_identity_at_init():
     ]:
         m = ac.compile(base, spec, lowering="eager")
         with torch.no_grad():
-            assert_close(logits_of(_run(m, batch)), logits_of(_run(base, batch)), rtol=1e-6)
+            assert_close(logits_of(call_model(m, batch)), logits_of(call_model(base, batch)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3"])

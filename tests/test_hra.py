@@ -1,6 +1,7 @@
 """HRA against PEFT 0.21.2: outputs and adapter gradients, GS, paired init, merge, checkpoints, regulariser."""
 
 import copy
+from functools import partial
 
 import peft
 import pytest
@@ -9,24 +10,15 @@ import torch
 import adapt_compiler as ac
 from models import image_batch, tiny_convnet, tiny_llama, token_batch
 from oracle import (assert_close, call_model, check_vs_peft, logits_of, ours_from_peft,
-                    peft_pair, peft_twin, randomize_, square_loss)
+                    peft_pair, peft_twin, randomize_)
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CONVS = ["conv1", "conv2", "down", "proj"]
-
-
 KEYS = ("hra_u",)
 
 
-def _pair(base, cfg, spec, seed=0):
-    return peft_pair(base, cfg, spec, KEYS, seed)
-
-
-def _check_vs_peft(base, cfg, spec, batch, **kw):
-    return check_vs_peft(base, cfg, spec, batch, KEYS, **kw)
-
-
-_run, _loss = call_model, square_loss
+_pair = partial(peft_pair, keys=KEYS)
+_check_vs_peft = partial(check_vs_peft, keys=KEYS)
 
 
 @pytest.mark.parametrize("gs", [False, True])
@@ -48,7 +40,7 @@ def test_identity_at_init_with_paired_columns():
         u = m.adapter_parameters()[0]
         assert torch.equal(u[:, 0::2], u[:, 1::2])  # PEFT's repeat_interleave pairing
         with torch.no_grad():
-            assert_close(logits_of(_run(m, batch)), logits_of(_run(base, batch)), rtol=1e-6)
+            assert_close(logits_of(call_model(m, batch)), logits_of(call_model(base, batch)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("gs", [False, True])

@@ -35,9 +35,6 @@ def correct_peft_cp(monkeypatch):
     monkeypatch.setattr(peft_loha, "make_weight_cp", _autograd_cp)
 
 
-_call = call_model
-
-
 def _check(base, peft_cfg, spec, batch, orders=("activation", "weight"), loss_of=None, train=False):
     """Same random adapter in PEFT and in ours: outputs and adapter gradients equal, in every order."""
     pm = peft_twin(base, peft_cfg)
@@ -48,7 +45,7 @@ def _check(base, peft_cfg, spec, batch, orders=("activation", "weight"), loss_of
         pm.zero_grad()
         if train:
             m.train(), pm.train()
-        ours, theirs = _call(m, batch), _call(pm, batch)
+        ours, theirs = call_model(m, batch), call_model(pm, batch)
         assert_close(logits_of(ours), logits_of(theirs), what=f"output ({order})")
         loss_of(ours).backward()
         loss_of(theirs).backward()

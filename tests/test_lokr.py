@@ -24,9 +24,6 @@ CONVS = ["conv_in", "conv1", "conv2", "down", "proj"]  # 3×3 (incl. 3→8 and s
 KEYS = ("lokr_",)
 
 
-_call = call_model
-
-
 def _check(base, peft_cfg, spec, batch, orders=("activation", "weight"), loss_of=None):
     """Same random adapter in PEFT and in ours: outputs and adapter gradients equal, in every order."""
     pm = peft_twin(base, peft_cfg)
@@ -35,7 +32,7 @@ def _check(base, peft_cfg, spec, batch, orders=("activation", "weight"), loss_of
     for order in orders:
         m = ours_from_peft(base, pm, spec.replace(order=order))
         pm.zero_grad()
-        ours, theirs = _call(m, batch), _call(pm, batch)
+        ours, theirs = call_model(m, batch), call_model(pm, batch)
         assert_close(logits_of(ours), logits_of(theirs), what=f"output ({order})")
         loss_of(ours).backward()
         loss_of(theirs).backward()

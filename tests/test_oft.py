@@ -5,6 +5,7 @@ are checked against our own merged form; the 1×1 conv is checked against PEFT.
 """
 
 import copy
+from functools import partial
 
 import peft
 import pytest
@@ -17,20 +18,11 @@ from oracle import (assert_close, call_model, check_vs_peft, logits_of, ours_fro
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CONVS = ["conv1", "conv2", "down", "proj"]
-
-
 KEYS = ("oft_R",)
 
 
-def _pair(base, cfg, spec, seed=0):
-    return peft_pair(base, cfg, spec, KEYS, seed)
-
-
-def _check_vs_peft(base, cfg, spec, batch, **kw):
-    return check_vs_peft(base, cfg, spec, batch, KEYS, **kw)
-
-
-_run, _loss = call_model, square_loss
+_pair = partial(peft_pair, keys=KEYS)
+_check_vs_peft = partial(check_vs_peft, keys=KEYS)
 
 
 OPTIONS = {
@@ -84,7 +76,7 @@ def test_identity_at_init():
     ]:
         m = ac.compile(base, spec, lowering="eager")
         with torch.no_grad():
-            assert_close(logits_of(_run(m, batch)), logits_of(_run(base, batch)), rtol=1e-6)
+            assert_close(logits_of(call_model(m, batch)), logits_of(call_model(base, batch)), rtol=1e-6)
 
 
 def _method_orders_agree(method, spec, layer, params, x):
@@ -135,7 +127,7 @@ def test_both_orders_agree():
     for order in ("activation", "weight"):
         m = ours_from_peft(base, pm, ac.OFT(targets=ATTN, order=order, **OPTIONS[option]))
         out = m(**token_batch()).logits
-        _loss(out).backward()
+        square_loss(out).backward()
         assert set(m.slots["model__layers__0__self_attn__q_proj"].orders.values()) == {order}
         outs.append(out)
         grads.append([p.grad.clone() for p in m.adapter_parameters()])
