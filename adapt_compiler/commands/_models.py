@@ -87,6 +87,14 @@ BUILTIN_MODELS = {
 }
 
 
+def _declared_class(config):
+    """The first class named in the config's `architectures` that this transformers has, else None."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    return next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+
+
 def _from_config(path: Path) -> nn.Module:
     import transformers
 
@@ -102,10 +110,9 @@ def _from_config(path: Path) -> nn.Module:
     config = transformers.AutoConfig.for_model(**raw)
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    classes = [getattr(transformers, a, None) for a in (raw.get("architectures") or [])]
-    classes = [c for c in classes if c is not None]
-    if classes:
-        return classes[0](config)
+    declared = _declared_class(config)
+    if declared is not None:
+        return declared(config)
     for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModel"):
         try:
             return getattr(transformers, auto).from_config(config)
@@ -139,8 +146,8 @@ def import_object(ref: str, flag: str = "--model"):
     return obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
 
 
-def _has_weights(path: Path) -> bool:
-    return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+def _has_weights(model_dir: Path) -> bool:
+    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("pytorch_model*.bin"))
 
 
 def _from_pretrained(path: Path) -> nn.Module:
@@ -148,9 +155,7 @@ def _from_pretrained(path: Path) -> nn.Module:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(path))
-    classes = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
-    cls = next((c for c in classes if c is not None), transformers.AutoModelForCausalLM)
-    return cls.from_pretrained(str(path))
+    return (_declared_class(config) or transformers.AutoModelForCausalLM).from_pretrained(str(path))
 
 
 def load_model(text: str) -> nn.Module:
@@ -160,11 +165,12 @@ def load_model(text: str) -> nn.Module:
         torch.manual_seed(0)
         return BUILTIN_MODELS[text]()
     path = Path(text)
+    model_dir = path.is_dir() and (path / "config.json").is_file()
     if text.startswith("python:") or (":" in text and not path.exists()):
         model = import_object(text)
-    elif path.is_dir() and (path / "config.json").is_file() and _has_weights(path):
+    elif model_dir and _has_weights(path):
         model = _from_pretrained(path)
-    elif path.suffix == ".json" or (path.is_dir() and (path / "config.json").is_file()):
+    elif path.suffix == ".json" or model_dir:
         if not path.exists():
             raise AdapterError(f"--model {text}: no such file.")
         model = _from_config(path)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..passes.method import AdapterError
-from ._models import MODEL_HELP, load_model  # noqa: F401 - load_model is part of this module's API
+from ._models import MODEL_HELP, load_model
 
 
 # -- example inputs ----------------------------------------------------------------------------

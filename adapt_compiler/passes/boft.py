@@ -108,8 +108,9 @@ def butterfly_blocks(q, n: int) -> torch.Tensor:
 
 def dense_blocks_pay(n_factors: int, b: int) -> bool:
     """One block-diagonal matmul (B = b·2^(N−1) wide) instead of N permute + matmul passes: the
-    FLOPs grow from b·N to B per element, the passes over h drop from ~3N to 1."""
-    return (b << (n_factors - 1)) <= 2 * b * n_factors
+    FLOPs grow from b·N to B per element, the passes over h drop from ~3N to 1. One factor is
+    already a single block-diagonal matmul."""
+    return n_factors > 1 and (b << (n_factors - 1)) <= 2 * b * n_factors
 
 
 def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> torch.Tensor:
@@ -200,7 +201,7 @@ class BOFTMethod(WeightMethod):
     def forward(self, spec, layer, p, x, weight, bias, training):
         q = self.rotation_blocks(spec, p, training).to(x.dtype)
         scale = p["boft_s"].reshape(-1).to(x.dtype)
-        if q.shape[0] > 1 and dense_blocks_pay(q.shape[0], q.shape[-1]):
+        if dense_blocks_pay(q.shape[0], q.shape[-1]):
             blocks = butterfly_blocks(q, rotated_dim(layer))
             return evaluate_rotated(layer, x, weight, bias, lambda h: block_rotate(h, blocks), scale=scale)
         return evaluate_rotated(layer, x, weight, bias, lambda h: butterfly(h, q), scale=scale)
@@ -219,7 +220,7 @@ class BOFTMethod(WeightMethod):
         n, d_out = rotated_dim(layer), layer.out_features
         build = nf * d * 4 * b**3  # N·D b×b solves
         per_row = nf * 2 * n * b  # N block-diagonal factors
-        if nf > 1 and dense_blocks_pay(nf, b):
+        if dense_blocks_pay(nf, b):
             big = b << (nf - 1)
             build += big * per_row  # the butterfly on B rows gives M's diagonal blocks
             per_row = 2 * n * big

@@ -66,9 +66,9 @@ def compact_wy(u: torch.Tensor) -> torch.Tensor:
     accumulation, closed form). Solved in float32 at least: half-precision triangular solves are
     not available on every backend and r is small.
     """
-    dtype = u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32
-    g = u.to(dtype).t() @ u.to(dtype)
-    eye = torch.eye(g.shape[0], dtype=dtype, device=u.device)
+    wide = u if u.dtype in (torch.float32, torch.float64) else u.float()
+    g = wide.t() @ wide
+    eye = torch.eye(g.shape[0], dtype=wide.dtype, device=u.device)
     t = torch.linalg.solve_triangular(torch.triu(g, diagonal=1) + 0.5 * eye, eye, upper=True)
     return t.to(u.dtype)
 
