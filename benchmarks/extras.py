@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from .methods import ATTN
-from .run import bench_peft, infer_fn, randomize, saved_bytes, standard_batch, timeit, train_step_fn
+from .run import _fmt, _ratio, bench_peft, randomize, standard_batch, time_train_and_infer, timeit
 
 
 def _expert_dirs(model, root, n=4, r=16):
@@ -44,18 +44,13 @@ def bench_xlora(model, batch, steps, run_peer) -> dict:
         dirs = _expert_dirs(model, root)
 
         def ours():
-            m = ac.compile(model, ac.XLoRA(experts=dirs, hidden_size=hidden)).train()
-            params = m.adapter_parameters()
-            randomize(params)
-            step = train_step_fn(m, params, batch)
-            res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
-            m.eval()
-            res["infer_ms"] = timeit(infer_fn(m, batch), steps)
-            return res
+            m = ac.compile(model, ac.XLoRA(experts=dirs, hidden_size=hidden))
+            randomize(m.adapter_parameters())
+            return time_train_and_infer(m, m, m.adapter_parameters(), batch, steps)
 
         def theirs(compiled):
             config = lambda: peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=dirs)  # noqa: E731
-            return lambda: bench_peft(model, config, batch, steps, compiled, merge=False)
+            return lambda: bench_peft(model, config, batch, steps, compiled)
 
         return {"ours": run_peer("ours", ours), "peft_eager": run_peer("peft_eager", theirs(False)),
                 "peft_compile": run_peer("peft_compile", theirs(True))}
@@ -97,7 +92,7 @@ def bench_mixed(model, steps, run_peer, n_adapters=8) -> dict:
 
 
 def _r(a, b):
-    return "–" if a is None or b is None else f"{a / b:.2f}×"
+    return _fmt(_ratio(a, b))
 
 
 def extras_table(results) -> str:

@@ -10,8 +10,10 @@ batch 4 × 128 tokens, float32, 2 threads. Measured per method:
   merged  eval forward with the adapter folded into the weights (ours: merge(); PEFT: merge_and_unload)
   saved   bytes saved for backward in one training step (activation memory, via saved_tensors_hooks)
 Ratios are against the frozen-base step (no adapter; forward + backward to the input embeddings)
-and the base forward, eager and compiled; each method's row times the base and its peers in turns. Also run (benchmarks/extras.py): `xlora` (vs our LoRA step) and `mixed8`
-(8 adapters in one batch). Results: benchmarks/results.json, results.md, ratios.png.
+and the base forward, eager and compiled; each method's row times the base and its peers in turns.
+Also run: `xlora` (vs our LoRA step) and `mixed8` (8 adapters in one batch) from benchmarks/extras.py,
+`infer_interleaved` from benchmarks/interleaved.py. Results: benchmarks/results.json, results.md,
+ratios.png.
 """
 
 from __future__ import annotations
@@ -150,6 +152,10 @@ class FrozenBase:
         return out
 
 
+def describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
 def _runnable(fns: dict, errors: dict) -> dict:
     """The callables that run once (this also compiles them); a failing peer is reported, not fatal."""
     ok = {}
@@ -158,7 +164,7 @@ def _runnable(fns: dict, errors: dict) -> dict:
             fn()
             ok[k] = fn
         except Exception as err:  # noqa: BLE001
-            errors[k] = f"{type(err).__name__}: {str(err)[:200]}"
+            errors[k] = describe(err)
     return ok
 
 
@@ -175,7 +181,7 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
         m = ac.compile(model, spec()).train()
         runners["ours"], params["ours"] = m, m.adapter_parameters()
     except Exception as err:  # noqa: BLE001
-        m, errors["ours"] = None, f"{type(err).__name__}: {str(err)[:200]}"
+        m, errors["ours"] = None, describe(err)
     try:
         pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg()).train()
         runners["peft_eager"] = pm
@@ -183,7 +189,7 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
         if peft_compile:
             runners["peft_compile"] = torch.compile(pm)
     except Exception as err:  # noqa: BLE001
-        pm, errors["peft"] = None, f"{type(err).__name__}: {str(err)[:200]}"
+        pm, errors["peft"] = None, describe(err)
     for k in ("ours", "peft_eager"):
         if k in params:
             randomize(params[k])
@@ -217,7 +223,7 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
             if peft_compile:
                 merged_fns["peft_compile"] = infer_fn(torch.compile(merged), batch)
         except Exception as err:  # noqa: BLE001 - methods without a merge
-            errors["peft_merge"] = f"{type(err).__name__}: {str(err)[:200]}"
+            errors["peft_merge"] = describe(err)
     merged_fns = _runnable(merged_fns, errors)
     merged_t = time_in_turns({**base.infer, **merged_fns}, steps)
     for k in merged_fns:
@@ -230,27 +236,25 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
     return row
 
 
-def bench_peft(model, peft_cfg, batch, steps, compiled: bool, merge: bool = True):
-    import peft
-
-    pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg()).train()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    randomize(params)
-    runner = torch.compile(pm) if compiled else pm
+def time_train_and_infer(module, runner, params, batch, steps) -> dict:
+    """Training step (with its saved-for-backward bytes), then the eval forward, of `runner`
+    (`module` itself or a torch.compile of it)."""
+    module.train()
     step = train_step_fn(runner, params, batch)
     res = {"train_ms": timeit(step, steps), "saved_bytes": saved_bytes(step)}
-    pm.eval()
+    module.eval()
     res["infer_ms"] = timeit(infer_fn(runner, batch), steps)
-    if not merge:  # X-LoRA: no weight form
-        return res
-    try:
-        merged = pm.merge_and_unload()
-        merged_runner = torch.compile(merged) if compiled else merged
-        res["merged_ms"] = timeit(infer_fn(merged_runner, batch), steps)
-    except Exception as err:  # noqa: BLE001 - methods without a merge
-        res["merged_ms"] = None
-        res["merge_error"] = type(err).__name__
     return res
+
+
+def bench_peft(model, peft_cfg, batch, steps, compiled: bool) -> dict:
+    """A PEFT model on its own (no merge): used for methods with no weight form (X-LoRA)."""
+    import peft
+
+    pm = peft.get_peft_model(copy.deepcopy(model), peft_cfg())
+    params = [p for p in pm.parameters() if p.requires_grad]
+    randomize(params)
+    return time_train_and_infer(pm, torch.compile(pm) if compiled else pm, params, batch, steps)
 
 
 def main(argv=None):
@@ -269,11 +273,10 @@ def main(argv=None):
 
     model, batch = standard_model(), standard_batch()
     table = configs()
-    extras = list(EXTRAS)
-    wanted = args.methods.split(",") if args.methods else list(table) + extras
-    unknown = [n for n in wanted if n not in table and n not in extras]
+    wanted = args.methods.split(",") if args.methods else [*table, *EXTRAS]
+    unknown = [n for n in wanted if n not in table and n not in EXTRAS]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {sorted(table) + extras}")
+        parser.error(f"unknown method(s) {unknown}; choose from {[*sorted(table), *EXTRAS]}")
     results = {"config": {"hidden": 512, "layers": 4, "batch": "4x128", "threads": args.threads,
                           "torch": torch.__version__}}
     print("frozen base ...", flush=True)
@@ -288,22 +291,19 @@ def main(argv=None):
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - a failing peer is reported, not fatal
-            return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            return {"error": describe(err)}
         finally:
             torch._dynamo.reset()
             gc.collect()
 
+    extra_runs = {
+        "xlora": lambda peer: bench_xlora(model, batch, args.steps, peer),
+        "mixed8": lambda peer: bench_mixed(model, args.steps, peer),
+        "infer_interleaved": lambda peer: peer("ours", lambda: bench_interleaved_inference(model, batch)),
+    }
     for name in wanted:
-        if name == "xlora":
-            results[name] = bench_xlora(model, batch, args.steps, lambda label, fn: run_peer(name, label, fn))
-            print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
-            continue
-        if name == "infer_interleaved":
-            results[name] = run_peer(name, "ours", lambda: bench_interleaved_inference(model, batch))
-            print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
-            continue
-        if name == "mixed8":
-            results[name] = bench_mixed(model, args.steps, lambda label, fn: run_peer(name, label, fn))
+        if name in extra_runs:
+            results[name] = extra_runs[name](lambda label, fn, name=name: run_peer(name, label, fn))
             print(f"  {name}: {json.dumps(results[name], default=str)}", flush=True)
             continue
         spec, peft_cfg = table[name]
