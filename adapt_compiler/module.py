@@ -311,8 +311,10 @@ class AdaptedModule(nn.Module):
                 if isinstance(method, GraphMethod):
                     method.rewrite(gm, self, name, entry.captured)
             from .lowering import choose_orders
+            from .lowering.batching import batch_parameter_transforms
 
             choose_orders(self, gm)
+            batch_parameter_transforms(self, gm, root)
         gm.graph.lint()
         gm = fx.GraphModule(root, gm.graph)  # keeps only what the final graph references
         debug_print(gm, f"adapter passes ({variant})")

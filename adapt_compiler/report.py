@@ -30,6 +30,7 @@ class LayerRow:
     tokens: str  # symbolic token count of the captured graph
     crossover: float | None
     at_tokens: int | None = None  # the (hinted) token count the order was chosen for
+    batched_with: int = 0  # layers whose parameter-only transform runs as one call with this one's
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Report:
             if r.flops:
                 t = r.at_tokens if r.at_tokens is not None else r.tokens
                 extra = "  (" + ", ".join(f"{k} {v / 1e6:.2f} MFLOP" for k, v in r.flops.items()) + f" at T={t})"
+            if r.batched_with:
+                extra += f"  [parameter transform batched over {r.batched_with} layers]"
             lines.append(
                 f"{r.adapter:<10} {r.method:<8} {r.fqn:<44} {str(tuple(r.weight_shape)):<18} {r.params:>9}  {r.order}{extra}"
             )
@@ -113,7 +116,8 @@ class Report:
         table = Table(
             title=f"adapt_compiler: {self.model_name}" if self.model_name else "adapt_compiler",
             caption="T = tokens per call at capture (batch × seq, or batch × pixels); "
-            "T* = where the two orders cost the same",
+            "T* = where the two orders cost the same; params ×n = the parameter-only transform "
+            "runs once for n layers",
             show_footer=True,
             header_style="bold",
         )
@@ -127,7 +131,8 @@ class Report:
         table.add_column("FLOPs compared", footer="")
         table.add_column("T*", justify="right", footer="")
         for r in self.rows:
-            cells = [r.method, r.fqn, _shape(r.weight_shape), f"{r.params:,}", r.order, _flops_text(r), _crossover(r)]
+            order = f"{r.order} (params ×{r.batched_with})" if r.batched_with else r.order
+            cells = [r.method, r.fqn, _shape(r.weight_shape), f"{r.params:,}", order, _flops_text(r), _crossover(r)]
             table.add_row(*([r.adapter] if several else []), *cells)
         for s in self.saved:
             cells = ["modules_to_save", s.fqn, "(whole module)", f"{s.params:,}", "-", "", ""]
@@ -224,6 +229,7 @@ def build_report(module) -> Report:
                     tokens=info["tokens_expr"] if info else "?",
                     crossover=choice.crossover if choice else None,
                     at_tokens=choice.at_tokens if choice else None,
+                    batched_with=info.get("batched_with", 0) if info else 0,
                 )
             )
     for saved in module.saved.values():

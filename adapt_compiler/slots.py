@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .passes.method import AdapterError, Layer
+from .passes.method import PREPARED, AdapterError, Layer
 
 
 @dataclass
@@ -68,8 +68,11 @@ class AdapterSlot(nn.Module):
     def params(self, name: str) -> dict[str, torch.Tensor]:
         return self.adapters[name].as_dict()
 
-    def evaluate(self, name: str, x, weight, bias):
-        """One adapter's output on this layer, in the order the lowering chose."""
+    def evaluate(self, name: str, x, weight, bias, prepared=None):
+        """One adapter's output on this layer, in the order the lowering chose.
+
+        `prepared`: this layer's share of a parameter-only transform batched over layers
+        (lowering/batching.py); it serves the activation order only."""
         method, spec, layer = self.methods[name], self.state.specs[name], self.layer
         if self.orders[name] == "kernel" and x.is_cuda and method.name == "lora" and not (
                 self.training and getattr(spec, "dropout", 0.0)):
@@ -81,9 +84,11 @@ class AdapterSlot(nn.Module):
             # fold ΔW / the rotation into one GEMM: x·(W')ᵀ
             w, b = method.merged_weight(spec, layer, p, weight, bias)
             return layer.base(x, w, b)
+        if prepared is not None and self.orders[name] == "activation":
+            p = {**p, PREPARED: prepared}
         return method.forward(spec, layer, p, x, weight, bias, self.training)
 
-    def forward(self, x, weight, bias=None):
+    def forward(self, x, weight, bias=None, prepared=None):
         layer = self.layer
         if layer.transposed:  # HF Conv1D: addmm(b, x, W) with W stored (d_in, d_out)
             weight = weight.t()
@@ -95,7 +100,7 @@ class AdapterSlot(nn.Module):
         if not names:
             return layer.base(x, weight, bias)
         if len(names) == 1:
-            return self.evaluate(names[0], x, weight, bias)
+            return self.evaluate(names[0], x, weight, bias, (prepared or {}).get(names[0]))
         out = layer.base(x, weight, bias)
         for name in names:
             method = self.methods[name]

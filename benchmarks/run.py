@@ -79,12 +79,13 @@ def randomize(params, seed=0, scale=0.02):
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def train_step_fn(module, params, batch):
+def train_step_fn(module, params, batch, extra_loss=None):
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
         out = module(**batch)
-        out.loss.backward()
+        loss = out.loss if extra_loss is None else out.loss + extra_loss()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -178,7 +179,8 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
     errors: dict = {}
     runners, params = {}, {}
     try:
-        m = ac.compile(model, spec()).train()
+        spec = spec()
+        m = ac.compile(model, spec).train()
         runners["ours"], params["ours"] = m, m.adapter_parameters()
     except Exception as err:  # noqa: BLE001
         m, errors["ours"] = None, describe(err)
@@ -195,7 +197,10 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
             randomize(params[k])
     peers = {k: {} for k in runners}
 
-    train_fns = _runnable({k: train_step_fn(r, params[k], batch) for k, r in runners.items()}, errors)
+    # PEFT's AdaLoRA forward adds its orthogonality regulariser to the loss; ours leaves that to the
+    # user (m.regularization_loss()), so the same training step is timed with it added
+    extra = {"ours": m.regularization_loss} if m is not None and spec.method == "adalora" else {}
+    train_fns = _runnable({k: train_step_fn(r, params[k], batch, extra.get(k)) for k, r in runners.items()}, errors)
     train = time_in_turns({**base.train, **train_fns}, steps)
     for k, fn in train_fns.items():
         peers[k]["train_ms"], peers[k]["saved_bytes"] = train[k], saved_bytes(fn)

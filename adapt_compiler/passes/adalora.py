@@ -203,14 +203,21 @@ class AdaLoRAMethod(WeightMethod):
     # -- training hooks --------------------------------------------------------------------
     def regularization_loss(self, spec: AdaLoRA, slots):
         # PEFT AdaLoraModel.forward: w · mean over every A, B of ‖C − I‖_F, C_A = AAᵀ, C_B = BᵀB (r×r)
-        terms = []
+        # Same-shaped factors are stacked: one batched product and norm per shape, not two per layer
+        by_shape: dict = {}
         for _, p in slots:
-            for cov in (p["lora_A"] @ p["lora_A"].T, p["lora_B"].T @ p["lora_B"]):
-                eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                terms.append(torch.norm(cov - eye, p="fro"))
-        if not terms:
+            by_shape.setdefault(("A", p["lora_A"].shape), []).append(p["lora_A"])
+            by_shape.setdefault(("B", p["lora_B"].shape), []).append(p["lora_B"].T)
+        if not by_shape:
             return None
-        return spec.orth_reg_weight * (sum(terms) / len(terms))
+        total, count = 0.0, 0
+        for factors in by_shape.values():
+            f = torch.stack(factors)  # (n, r, d): C = F Fᵀ (A Aᵀ, or Bᵀ B with F = Bᵀ)
+            cov = f @ f.transpose(-2, -1)
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            total = total + torch.linalg.matrix_norm(cov - eye).sum()
+            count += len(factors)
+        return spec.orth_reg_weight * (total / count)
 
     def update_and_allocate(self, module, name: str, step: int) -> None:
         """PEFT's AdaLoraModel.update_and_allocate: importance EMAs, budget, mask (after backward)."""

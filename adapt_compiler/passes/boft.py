@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..spec import AdapterSpec, check_probability
-from .method import AdapterError, AdapterShapeError, Layer, WeightMethod
-from .oft import block_rotate, check_orthogonal_layer, divisors, evaluate_rotated, merged_rows, rotated_dim, show_sizes
+from .method import PREPARED, AdapterError, AdapterShapeError, Layer, WeightMethod
+from .oft import block_rotate, cayley, check_orthogonal_layer, divisors, evaluate_rotated, merged_rows, rotated_dim, show_sizes
 from .registry import register
 
 
@@ -177,9 +177,7 @@ class BOFTMethod(WeightMethod):
         r = p["boft_R"]
         nf, d, b, _ = r.shape
         s = 0.5 * (r - r.transpose(-2, -1)).reshape(nf * d, b, b)  # skew part only
-        eye = torch.eye(b, device=r.device).expand(nf * d, b, b)
-        q = torch.linalg.solve(eye + s, eye - s, left=False).to(r.dtype)  # (I − S)(I + S)⁻¹
-        q = q.reshape(nf, d, b, b)
+        q = cayley(s).reshape(nf, d, b, b)  # (I − S)(I + S)⁻¹
         if training and spec.boft_dropout:
             q = self._dropout(q, spec.boft_dropout)
         return q
@@ -198,13 +196,36 @@ class BOFTMethod(WeightMethod):
         return (1 - full) * q + full * eye
 
     # -- evaluation ----------------------------------------------------------------------------
+    def _rotation_operand(self, spec: BOFT, p, training: bool) -> torch.Tensor:
+        """What the activation side multiplies by: M's dense diagonal blocks (`dense_blocks_pay`) or
+        the (N, D, b, b) factors. Layers concatenated along D give their operands concatenated too:
+        no butterfly chunk crosses a layer (each layer's width is a multiple of b·2^(N−1))."""
+        q = self.rotation_blocks(spec, p, training)
+        nf, d, b, _ = q.shape
+        return butterfly_blocks(q, d * b) if dense_blocks_pay(nf, b) else q
+
+    def group_key(self, spec: BOFT, layer, p, training):
+        if training and spec.boft_dropout:  # PEFT draws the dropped factor per layer: not batched
+            return None
+        r = p["boft_R"]
+        return r.shape[0], r.shape[-1], r.dtype, r.device
+
+    def prepare_group(self, spec: BOFT, ps, training):
+        """All layers' Cayley solves as one batched solve, and their butterfly blocks in one pass."""
+        rs = [p["boft_R"] for p in ps]
+        operand = self._rotation_operand(spec, {"boft_R": torch.cat(rs, dim=1)}, training)
+        nf, b = rs[0].shape[0], rs[0].shape[-1]
+        if dense_blocks_pay(nf, b):  # (Σ n/B, B, B): layer i owns D_i·b/B blocks
+            return list(operand.split([r.shape[1] * b // (b << (nf - 1)) for r in rs]))
+        return list(operand.split([r.shape[1] for r in rs], dim=1))
+
     def forward(self, spec, layer, p, x, weight, bias, training):
-        q = self.rotation_blocks(spec, p, training).to(x.dtype)
+        operand = p[PREPARED] if PREPARED in p else self._rotation_operand(spec, p, training)
+        operand = operand.to(x.dtype)
         scale = p["boft_s"].reshape(-1).to(x.dtype)
-        if dense_blocks_pay(q.shape[0], q.shape[-1]):
-            blocks = butterfly_blocks(q, rotated_dim(layer))
-            return evaluate_rotated(layer, x, weight, bias, lambda h: block_rotate(h, blocks), scale=scale)
-        return evaluate_rotated(layer, x, weight, bias, lambda h: butterfly(h, q), scale=scale)
+        if operand.dim() == 3:  # M's dense diagonal blocks: one block-diagonal matmul
+            return evaluate_rotated(layer, x, weight, bias, lambda h: block_rotate(h, operand), scale=scale)
+        return evaluate_rotated(layer, x, weight, bias, lambda h: butterfly(h, operand), scale=scale)
 
     def merged_weight(self, spec, layer, p, weight, bias):
         q = self.rotation_blocks(spec, p).to(weight.dtype)

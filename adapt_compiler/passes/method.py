@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Hashable, Mapping
 
 import sympy
 import torch
 import torch.nn.functional as F
+
+
+PREPARED = "_prepared"  # key of a layer's `prepare_group` result in the params its forward receives
 
 
 class AdapterError(ValueError):
@@ -133,6 +136,21 @@ class WeightMethod:
     def weight_side_ok(self, spec, training: bool) -> bool:
         """Whether merged_weight gives the same training forward (false with input dropout etc.)."""
         return self.merge_kind != "none"
+
+    # -- cross-layer batching (optional) ----------------------------------------------------
+    def group_key(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], training: bool) -> Hashable | None:
+        """Layers of one adapter whose keys are equal share one `prepare_group` call (None: never).
+
+        The parameter-only part of a layer's forward (OFT's Cayley blocks, BOFT's butterfly) does
+        not depend on the activations, so the lowering runs it once for all layers of a group as
+        a few batched ops instead of the same small ops per layer (see lowering/batching.py).
+        """
+        return None
+
+    def prepare_group(self, spec, ps: list[Mapping[str, torch.Tensor]], training: bool) -> list[torch.Tensor]:
+        """The parameter-only part of the activation-side `forward` of several layers, one tensor
+        per layer; `forward` finds its own as `p[PREPARED]` (and computes it itself when absent)."""
+        raise NotImplementedError
 
     # -- cost model ------------------------------------------------------------------------
     def cost(self, spec, layer: Layer, tokens: sympy.Symbol) -> dict[str, sympy.Expr]:
