@@ -52,18 +52,27 @@ class AdapterSlot(nn.Module):
         self.state = state
         self.adapters = nn.ModuleDict()  # adapter name -> AdapterParams
         self.methods: dict[str, object] = {}  # adapter name -> method object
-        self.orders: dict[str, str] = {}  # adapter name -> "activation" | "weight"
+        # per mode (training flag) -> adapter name -> "activation" | "weight" | "kernel": the train
+        # and eval graphs choose separately, and one mode's choice must not leak into the other's graph
+        self.orders_by_mode: dict[bool, dict[str, str]] = {True: {}, False: {}}
         self.costs: dict[str, dict] = {}  # adapter name -> cost-model figures (report)
+
+    @property
+    def orders(self) -> dict[str, str]:
+        """The evaluation order of each adapter in the current mode (set by lowering.choose_orders)."""
+        return self.orders_by_mode[self.training]
 
     def add(self, name: str, method, params: AdapterParams) -> None:
         self.adapters[name] = params
         self.methods[name] = method
-        self.orders[name] = "activation"
+        for orders in self.orders_by_mode.values():
+            orders[name] = "activation"
 
     def remove(self, name: str) -> None:
         del self.adapters[name]
         self.methods.pop(name)
-        self.orders.pop(name)
+        for orders in self.orders_by_mode.values():
+            orders.pop(name)
 
     def params(self, name: str) -> dict[str, torch.Tensor]:
         return self.adapters[name].as_dict()

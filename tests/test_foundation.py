@@ -126,6 +126,23 @@ def test_merge_true_graph_has_no_adapter_nodes():
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and "ac_slots" in str(n.target)]
 
 
+def test_train_and_eval_keep_their_own_evaluation_orders():
+    """At T=1024 the eval graph folds LoRA into W (cheaper without a backward) while training keeps
+    the activation side; an eval pass in between must not switch the training graph's order."""
+    m = ac.compile(tiny_llama(layers=1), ac.LoRA(r=8, targets=["q_proj"]), lowering="eager")
+    batch = token_batch(batch=2, seq=512, labels=True)
+    slot = next(iter(m.slots.values()))
+    m.train()
+    m(**batch)
+    m.eval()
+    with torch.no_grad():
+        m(**batch)
+    assert slot.orders == {"default": "weight"}
+    m.train()
+    assert slot.orders == {"default": "activation"}
+    assert {r.order for r in m.report().rows} == {"activation"}
+
+
 def test_errors_are_clear():
     base = tiny_llama()
     with pytest.raises(ac.AdapterError, match=r"matched no module.*q_proj"):

@@ -62,9 +62,10 @@ def choose_orders(module, gm: fx.GraphModule) -> None:
                                                    module.training)
             allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, module.training) else [])
             choice = cost.choose(flops, tokens, spec.order, allowed)
-            slot.orders[name] = choice.order
+            orders = slot.orders_by_mode[module.training]
+            orders[name] = choice.order
             if choice.order == "activation" and on_cuda and kernels.kernel_applies(method, spec, slot.layer, module.training):
-                slot.orders[name] = "kernel"  # the fused Triton LoRA kernel (kernels/fused_lora.py)
+                orders[name] = "kernel"  # the fused Triton LoRA kernel (kernels/fused_lora.py)
             slot.costs[name] = {"choice": choice, "tokens_expr": expr}
 
 

@@ -57,7 +57,7 @@ def batch_parameter_transforms(module, gm: fx.GraphModule, root: nn.Module) -> i
         if not isinstance(slot, AdapterSlot):
             continue
         for name, method in slot.methods.items():
-            if slot.orders.get(name) != "activation":
+            if slot.orders_by_mode[module.training].get(name) != "activation":
                 continue
             key = method.group_key(module.state.specs[name], slot.layer, slot.params(name), module.training)
             if key is not None:
