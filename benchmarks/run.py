@@ -275,6 +275,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Each row compiles the same HF forward for several model objects and grad modes (base, PEFT,
+    # merged): past Dynamo's default 8 recompiles of one frame, later peers would silently run eager
+    torch._dynamo.config.recompile_limit = 64
 
     model, batch = standard_model(), standard_batch()
     table = configs()
