@@ -22,6 +22,7 @@ SPECS = {
     "boft_one_factor": lambda: ac.BOFT(boft_block_size=8, targets=ALL, init_weights=False),
     "boft_two_factors": lambda: ac.BOFT(boft_block_size=4, boft_n_butterfly_factor=2, targets=ALL,
                                         init_weights=False),
+    "hra": lambda: ac.HRA(r=4, targets=ALL, init_weights=False),
 }
 
 
@@ -66,9 +67,11 @@ def test_batched_equals_per_layer(name, monkeypatch):
     (lambda: ac.OFT(r=0, oft_block_size=8, targets=ALL, coft=True), True, False),
     (lambda: ac.BOFT(boft_block_size=8, targets=ALL, boft_dropout=0.5), True, False),
     (lambda: ac.BOFT(boft_block_size=8, targets=ALL, boft_dropout=0.5), False, True),
-], ids=["oft-dropout-train", "oft-dropout-eval", "coft", "boft-dropout-train", "boft-dropout-eval"])
+    (lambda: ac.HRA(r=4, targets=ALL, apply_GS=True), True, False),
+], ids=["oft-dropout-train", "oft-dropout-eval", "coft", "boft-dropout-train", "boft-dropout-eval", "hra-gs"])
 def test_only_where_layers_are_independent(spec_fn, train, batched):
-    """PEFT draws module/block dropout per layer and COFT projects per layer: those stay per layer."""
+    """PEFT draws module/block dropout per layer, COFT projects per layer and HRA's Gram–Schmidt is
+    PEFT's sequential loop: those stay per layer."""
     before = COUNTERS["layers_batched_prep"]
     m = ac.compile(tiny_llama(layers=2), spec_fn(), lowering="eager").train(train)
     with torch.no_grad():

@@ -6,8 +6,9 @@
 
 Evaluation orders (never the dense d×d H that PEFT builds every call):
 * activation: x·Hᵀ = x·H_{r−1}⋯H₀ in the compact WY form H = I − Û T Ûᵀ (T: r×r upper triangular,
-  `compact_wy`), x − ((x·Û)·Tᵀ)·Ûᵀ: two thin matmuls, 4·T·d·r FLOPs, one pass over x instead of r
-  rank-1 passes (apply_GS: T = 2I, x − 2(x·Û)Ûᵀ);
+  `compact_wy`), x − (x·Û)(ÛT)ᵀ: two thin matmuls, 4·T·d·r FLOPs, one pass over x instead of r
+  rank-1 passes (apply_GS: T = 2I, x − 2(x·Û)Ûᵀ). Û and ÛT depend on the parameters only, so the
+  lowering builds them for all same-shaped layers in one batched call (`prepare_group`);
 * weight: W' = W·H₀⋯H_{r−1}, the same form on W's rows, 4·d_out·d·r FLOPs.
 
 Init (PEFT): r even -> r/2 kaiming columns each repeated twice, so consecutive reflections cancel
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..spec import AdapterSpec, check_positive
-from .method import AdapterError, Layer, WeightMethod
+from .method import PREPARED, AdapterError, Layer, WeightMethod
 from .oft import check_orthogonal_layer, evaluate_rotated, merged_rows, rotated_dim
 from .registry import register
 
@@ -64,13 +65,19 @@ def compact_wy(u: torch.Tensor) -> torch.Tensor:
 
     T is upper triangular with T⁻¹ = ½·I + strict_upper(UᵀU) (Schreiber & Van Loan's forward
     accumulation, closed form). Solved in float32 at least: half-precision triangular solves are
-    not available on every backend and r is small.
+    not available on every backend and r is small. Batched over leading dims of u (…, d, r).
     """
     wide = u if u.dtype in (torch.float32, torch.float64) else u.float()
-    g = wide.t() @ wide
-    eye = torch.eye(g.shape[0], dtype=wide.dtype, device=u.device)
-    t = torch.linalg.solve_triangular(torch.triu(g, diagonal=1) + 0.5 * eye, eye, upper=True)
+    g = wide.transpose(-2, -1) @ wide
+    eye = torch.eye(g.shape[-1], dtype=wide.dtype, device=u.device)
+    t = torch.linalg.solve_triangular(torch.triu(g, diagonal=1) + 0.5 * eye, eye.expand_as(g), upper=True)
     return t.to(u.dtype)
+
+
+def wy_factors(u: torch.Tensor) -> torch.Tensor:
+    """(…, d, r) -> (…, 2, d, r): Û (unit columns) and Û·T, so H = I − Û T Ûᵀ = I − (ÛT) Ûᵀ."""
+    u = u / u.norm(dim=-2, keepdim=True)
+    return torch.stack([u, u @ compact_wy(u)], dim=-3)
 
 
 class HRAMethod(WeightMethod):
@@ -99,23 +106,44 @@ class HRAMethod(WeightMethod):
 
     # -- the reflections -----------------------------------------------------------------------
     @staticmethod
-    def _reflect(h, u, spec: HRA, transpose: bool):
-        """Row vectors h (…, d) times H (transpose=False) or Hᵀ (transpose=True)."""
+    def _reflect(h, factors, transpose: bool):
+        """Row vectors h (…, d) times H (transpose=False) or Hᵀ (transpose=True), H = I − Û T Ûᵀ.
+
+        Two thin GEMMs instead of r memory-bound rank-1 passes over h (and r saved copies of h).
+        `factors` is (2, d, r): Û and ÛT (`wy_factors`); apply_GS passes Q and 2Q (T = 2I).
+        """
+        u, ut = factors[0], factors[1]
+        if transpose:  # h·Hᵀ = h − (h·Û)(ÛT)ᵀ
+            return h - (h @ u) @ ut.transpose(-2, -1)
+        return h - (h @ ut) @ u.transpose(-2, -1)  # h·H = h − (h·ÛT)Ûᵀ
+
+    @staticmethod
+    def _factors(spec: HRA, p, dtype) -> torch.Tensor:
+        if PREPARED in p:  # built for several layers at once (group_key / prepare_group)
+            return p[PREPARED].to(dtype)
+        u = p["hra_u"].to(dtype)
         if spec.apply_GS:
-            q = gram_schmidt(u)  # H symmetric: h·H = h·Hᵀ = h − 2(h·Q)Qᵀ
-            return h - 2 * (h @ q) @ q.t()
-        u = u / u.norm(dim=0)
-        t = compact_wy(u)  # H = H₀⋯H_{r−1} = I − Û T Ûᵀ
-        # two thin GEMMs instead of r memory-bound rank-1 passes over h (and r saved copies of h)
-        return h - ((h @ u) @ (t.t() if transpose else t)) @ u.t()
+            q = gram_schmidt(u)  # H symmetric: H = I − 2 Q Qᵀ
+            return torch.stack([q, 2 * q])
+        return wy_factors(u)
+
+    def group_key(self, spec: HRA, layer, p, training):
+        if spec.apply_GS:  # PEFT's sequential Gram–Schmidt loop: kept per layer
+            return None
+        u = p["hra_u"]
+        return u.shape, u.dtype, u.device
+
+    def prepare_group(self, spec: HRA, ps, training):
+        """Every layer's normalisation, ÛᵀÛ, triangular solve and ÛT as one batched op each."""
+        return list(wy_factors(torch.stack([p["hra_u"] for p in ps])).unbind(0))
 
     def forward(self, spec, layer, p, x, weight, bias, training):
-        u = p["hra_u"].to(x.dtype)
-        return evaluate_rotated(layer, x, weight, bias, lambda h: self._reflect(h, u, spec, transpose=True))
+        factors = self._factors(spec, p, x.dtype)
+        return evaluate_rotated(layer, x, weight, bias, lambda h: self._reflect(h, factors, transpose=True))
 
     def merged_weight(self, spec, layer, p, weight, bias):
-        u = p["hra_u"].to(weight.dtype)
-        return merged_rows(weight, lambda w: self._reflect(w, u, spec, transpose=False)), bias
+        factors = self._factors(spec, p, weight.dtype)
+        return merged_rows(weight, lambda w: self._reflect(w, factors, transpose=False)), bias
 
     def cost(self, spec, layer, tokens):
         d, d_out, r = rotated_dim(layer), layer.out_features, spec.r
