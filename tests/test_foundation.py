@@ -127,9 +127,9 @@ def test_merge_true_graph_has_no_adapter_nodes():
 
 
 def test_train_and_eval_keep_their_own_evaluation_orders():
-    """At T=1024 the eval graph folds LoRA into W (cheaper without a backward) while training keeps
-    the activation side; an eval pass in between must not switch the training graph's order."""
-    m = ac.compile(tiny_llama(layers=1), ac.LoRA(r=8, targets=["q_proj"]), lowering="eager")
+    """At T=1024, d=256 the eval graph folds LoRA into W (cheaper without a backward) while training
+    keeps the activation side; an eval pass in between must not switch the training graph's order."""
+    m = ac.compile(tiny_llama(layers=1, hidden=256), ac.LoRA(r=8, targets=["q_proj"]), lowering="eager")
     batch = token_batch(batch=2, seq=512, labels=True)
     slot = next(iter(m.slots.values()))
     m.train()

@@ -59,7 +59,7 @@ def choose_orders(module, gm: fx.GraphModule) -> None:
         for name, method in slot.methods.items():
             spec = module.state.specs[name]
             flops = cost.with_training_and_traffic(method.cost(spec, slot.layer, cost.TOKENS), slot.layer,
-                                                   module.training)
+                                                   module.training, additive=method.merge_kind == "additive")
             allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, module.training) else [])
             choice = cost.choose(flops, tokens, spec.order, allowed)
             orders = slot.orders_by_mode[module.training]
