@@ -128,15 +128,13 @@ def test_cost_model_counts_the_activation_sides_extra_traffic():
     and the expand GEMM's output buffer are counted (measured 1.033× vs 1.05× the base); decoding
     (few tokens) and training keep the activation side. Rotations of the input (OFT) do not add an
     output buffer, so their choice is unaffected."""
-    from adapt_compiler.lowering import cost
+    from adapt_compiler.lowering import choose_order
     from adapt_compiler.passes import METHODS, Layer
 
     layer = Layer("q_proj", "linear", (512, 512), False, torch.float32)
 
     def order(method, spec, tokens, training):
-        flops = cost.with_training_and_traffic(method.cost(spec, layer, cost.TOKENS), layer, training,
-                                               additive=method.merge_kind == "additive")
-        return cost.choose(flops, tokens).order
+        return choose_order(method, spec, layer, tokens, training).order
 
     lora, oft = METHODS["lora"], METHODS["oft"]
     assert order(lora, ac.LoRA(r=16), 512, training=False) == "weight"

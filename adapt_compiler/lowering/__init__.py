@@ -41,6 +41,14 @@ def token_count(x_val, layer) -> tuple[int, str]:
     return math.prod(_hint(d) for d in dims), expr
 
 
+def choose_order(method, spec, layer, tokens: int, training: bool) -> cost.OrderChoice:
+    """The cheaper evaluation order of one adapter on one layer at `tokens` (or spec.order if forced)."""
+    flops = cost.with_training_and_traffic(method.cost(spec, layer, cost.TOKENS), layer, training,
+                                           additive=method.merge_kind == "additive")
+    allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, training) else [])
+    return cost.choose(flops, tokens, spec.order, allowed)
+
+
 def choose_orders(module, gm: fx.GraphModule) -> None:
     """Record, per slot and adapter, the cheaper evaluation order for this graph's shapes."""
     from ..slots import AdapterSlot
@@ -58,10 +66,7 @@ def choose_orders(module, gm: fx.GraphModule) -> None:
         on_cuda = isinstance(x_val, torch.Tensor) and x_val.is_cuda
         for name, method in slot.methods.items():
             spec = module.state.specs[name]
-            flops = cost.with_training_and_traffic(method.cost(spec, slot.layer, cost.TOKENS), slot.layer,
-                                                   module.training, additive=method.merge_kind == "additive")
-            allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, module.training) else [])
-            choice = cost.choose(flops, tokens, spec.order, allowed)
+            choice = choose_order(method, spec, slot.layer, tokens, module.training)
             orders = slot.orders_by_mode[module.training]
             orders[name] = choice.order
             if choice.order == "activation" and on_cuda and kernels.kernel_applies(method, spec, slot.layer, module.training):

@@ -49,7 +49,7 @@ def batch_parameter_transforms(module, gm: fx.GraphModule, root: nn.Module) -> i
     per group of two or more. Returns the number of layers served by a group."""
     from ..slots import AdapterSlot
 
-    groups = collections.defaultdict(list)  # (adapter, method, key) -> [(node, slot)]
+    groups = collections.defaultdict(list)  # (adapter, method, key, dtypes/devices) -> [(node, slot)]
     for node in gm.graph.nodes:
         if node.op != "call_module" or not str(node.target).startswith("ac_slots."):
             continue
@@ -59,11 +59,13 @@ def batch_parameter_transforms(module, gm: fx.GraphModule, root: nn.Module) -> i
         for name, method in slot.methods.items():
             if slot.orders_by_mode[module.training].get(name) != "activation":
                 continue
-            key = method.group_key(module.state.specs[name], slot.layer, slot.params(name), module.training)
-            if key is not None:
-                groups[(name, method.name, key)].append((node, slot))
+            params = slot.params(name)
+            key = method.group_key(module.state.specs[name], slot.layer, params, module.training)
+            if key is not None:  # prepare_group concatenates the params: same dtypes and devices too
+                placement = tuple((t.dtype, t.device) for t in params.values())
+                groups[(name, method.name, key, placement)].append((node, slot))
     served = 0
-    for i, ((name, _, _), members) in enumerate(g for g in groups.items() if len(g[1]) > 1):
+    for i, ((name, *_), members) in enumerate(g for g in groups.items() if len(g[1]) > 1):
         nodes, slots = zip(*members)
         method = slots[0].methods[name]
         target = f"{PREFIX}_{i}"

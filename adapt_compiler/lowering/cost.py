@@ -44,7 +44,8 @@ def weight_elements(layer) -> int:
     return n
 
 
-def with_training_and_traffic(flops: dict, layer, training: bool, additive: bool = True, dtype_bytes: int = 4) -> dict:
+def with_training_and_traffic(flops: dict, layer, training: bool, additive: bool = True,
+                              dtype_bytes: int = 4) -> dict:
     """Complete a method's forward-FLOP figures into per-step costs.
 
     Weight side: W' is written and read once more per call (traffic), and in training the

@@ -208,7 +208,7 @@ class BOFTMethod(WeightMethod):
         if training and spec.boft_dropout:  # PEFT draws the dropped factor per layer: not batched
             return None
         r = p["boft_R"]
-        return r.shape[0], r.shape[-1], r.dtype, r.device
+        return r.shape[0], r.shape[-1]  # factors and block size: layers concatenate along D
 
     def prepare_group(self, spec: BOFT, ps, training):
         """All layers' Cayley solves as one batched solve, and their butterfly blocks in one pass."""

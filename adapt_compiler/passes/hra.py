@@ -130,8 +130,7 @@ class HRAMethod(WeightMethod):
     def group_key(self, spec: HRA, layer, p, training):
         if spec.apply_GS:  # PEFT's sequential Gram–Schmidt loop: kept per layer
             return None
-        u = p["hra_u"]
-        return u.shape, u.dtype, u.device
+        return p["hra_u"].shape  # stacked, so (d, r) must agree
 
     def prepare_group(self, spec: HRA, ps, training):
         """Every layer's normalisation, ÛᵀÛ, triangular solve and ÛT as one batched op each."""

@@ -140,6 +140,8 @@ class WeightMethod:
     # -- cross-layer batching (optional) ----------------------------------------------------
     def group_key(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], training: bool) -> Hashable | None:
         """Layers of one adapter whose keys are equal share one `prepare_group` call (None: never).
+        The lowering also requires equal parameter dtypes and devices; the key says what else
+        must agree (the shapes that get concatenated).
 
         The parameter-only part of a layer's forward (OFT's Cayley blocks, BOFT's butterfly) does
         not depend on the activations, so the lowering runs it once for all layers of a group as

@@ -273,8 +273,7 @@ class OFTMethod(WeightMethod):
         # COFT's projection counts a layer's own blocks and module dropout draws per layer: not batched
         if spec.coft or (training and spec.module_dropout):
             return None
-        vec = p["oft_R"]
-        return vec.shape[1], vec.dtype, vec.device
+        return p["oft_R"].shape[1]  # the block size: rows of all layers concatenate
 
     def prepare_group(self, spec: OFT, ps, training):
         """Every layer's blocks from one skew + Cayley(-Neumann) over all their oft_R rows."""
