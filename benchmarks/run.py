@@ -177,11 +177,15 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
     import adapt_compiler as ac
 
     errors: dict = {}
-    runners, params = {}, {}
+    runners, params, extra_loss = {}, {}, {}
     try:
-        spec = spec()
-        m = ac.compile(model, spec).train()
+        ours_spec = spec()
+        m = ac.compile(model, ours_spec).train()
         runners["ours"], params["ours"] = m, m.adapter_parameters()
+        if ours_spec.method == "adalora":
+            # PEFT's AdaLoRA forward adds its orthogonality regulariser to the loss; ours leaves that
+            # to the user (m.regularization_loss()), so the same training step is timed with it added
+            extra_loss["ours"] = m.regularization_loss
     except Exception as err:  # noqa: BLE001
         m, errors["ours"] = None, describe(err)
     try:
@@ -197,10 +201,8 @@ def bench_row(model, spec, peft_cfg, batch, steps, base: FrozenBase, peft_compil
             randomize(params[k])
     peers = {k: {} for k in runners}
 
-    # PEFT's AdaLoRA forward adds its orthogonality regulariser to the loss; ours leaves that to the
-    # user (m.regularization_loss()), so the same training step is timed with it added
-    extra = {"ours": m.regularization_loss} if m is not None and spec.method == "adalora" else {}
-    train_fns = _runnable({k: train_step_fn(r, params[k], batch, extra.get(k)) for k, r in runners.items()}, errors)
+    train_fns = _runnable({k: train_step_fn(r, params[k], batch, extra_loss.get(k)) for k, r in runners.items()},
+                          errors)
     train = time_in_turns({**base.train, **train_fns}, steps)
     for k, fn in train_fns.items():
         peers[k]["train_ms"], peers[k]["saved_bytes"] = train[k], saved_bytes(fn)
