@@ -2,11 +2,11 @@
 
 from . import export as _export_module  # noqa: F401 - loaded first so `ac.export` stays the function
 from .api import backend, compile, export, export_onnx, package
+from .errors import AdapterError, AdapterShapeError
 from .module import AdaptedModule
 from .passes import METHODS
-from .passes.method import AdapterError, AdapterShapeError
-from .spec import AdapterSpec
 from .passes.lora import LoRA
+from .spec import AdapterSpec
 
 __all__ = [
     "METHODS",
@@ -26,8 +26,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # method specs from method files registered after import (each file exports its spec class)
-    import importlib
-
     for method in METHODS.values():
         if method.spec_type.__name__ == name:
             return method.spec_type

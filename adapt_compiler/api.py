@@ -6,29 +6,31 @@ from pathlib import Path
 
 from torch import nn
 
+from . import checkpoint
+from .errors import AdapterError
+from .export import export_onnx as _export_onnx
+from .export import export_program, package_program
+from .lowering import LOWERINGS
+from .lowering.backend import make_backend
 from .module import AdaptedModule
-from .passes.method import AdapterError
 from .spec import AdapterSpec
 
 
-def _specs_from(model: nn.Module, spec) -> tuple[dict, dict]:
-    """(name -> spec, name -> checkpoint dir to load) from a spec, a dict of specs, or a PEFT dir."""
-    from .checkpoint import spec_from_dir
+def _read_specs(spec) -> dict:
+    """name -> (spec, checkpoint tensors or None, sub-adapters or None, where) from a spec, a dict
+    of specs, or a PEFT dir; directories are read and validated here, before anything is built."""
+    def one(name, s):
+        if isinstance(s, (str, Path)):
+            found, tensors, sub = checkpoint.read_adapter(s)
+            return found, tensors, sub, str(s)
+        if isinstance(s, AdapterSpec):
+            return s, None, None, None
+        raise AdapterError(f"compile(): adapter {name!r} is a {type(s).__name__}; expected a spec or a PEFT dir.")
 
-    if isinstance(spec, (str, Path)):
-        return {"default": spec_from_dir(spec)}, {"default": spec}
-    if isinstance(spec, AdapterSpec):
-        return {"default": spec}, {}
+    if isinstance(spec, (str, Path, AdapterSpec)):
+        return {"default": one("default", spec)}
     if isinstance(spec, dict) and spec:
-        specs, dirs = {}, {}
-        for name, s in spec.items():
-            if isinstance(s, (str, Path)):
-                specs[name], dirs[name] = spec_from_dir(s), s
-            elif isinstance(s, AdapterSpec):
-                specs[name] = s
-            else:
-                raise AdapterError(f"compile(): adapter {name!r} is a {type(s).__name__}; expected a spec or a PEFT dir.")
-        return specs, dirs
+        return {name: one(name, s) for name, s in spec.items()}
     raise AdapterError(
         f"compile(): spec must be an adapter spec (e.g. ac.LoRA(r=8)), a dict of them, or a PEFT adapter "
         f"directory; got {type(spec).__name__}."
@@ -36,23 +38,25 @@ def _specs_from(model: nn.Module, spec) -> tuple[dict, dict]:
 
 
 def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None, lowering: str = "inductor",
-            adapter_name: str | None = None) -> AdaptedModule:
-    """Adapt `model` with `spec`. The model itself is never modified."""
-    from .checkpoint import read_tensors, load_adapter_state_dict
-    from .lowering import LOWERINGS
+            adapter_name: str | None = None, verify: bool = True) -> AdaptedModule:
+    """Adapt `model` with `spec`. The model itself is never modified.
 
+    `verify` (default on): the first call of each compiled graph is checked against the eager
+    graph (outputs, and in training every adapter gradient); a graph that disagrees falls back to
+    eager with a CompilerMismatchWarning. Costs one eager step per new graph."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"compile(): model must be a torch.nn.Module, got {type(model).__name__}.")
-    if lowering not in LOWERINGS:
-        raise AdapterError(f"compile(): lowering={lowering!r} is not one of {LOWERINGS}.")
-    specs, dirs = _specs_from(model, spec)
-    if adapter_name is not None and len(specs) == 1:
-        specs = {adapter_name: next(iter(specs.values()))}
-        dirs = {adapter_name: d for d in dirs.values()}
-    tensors = {name: read_tensors(d) for name, d in dirs.items()}  # read (and validate) before building
-    m = AdaptedModule(model, specs, lowering=lowering)
-    for name, t in tensors.items():
-        load_adapter_state_dict(m, t, name, where=str(dirs[name]))
+    if lowering not in LOWERINGS and not callable(lowering):
+        raise AdapterError(f"compile(): lowering={lowering!r} is not one of {LOWERINGS} or a torch.compile backend "
+                           f"(a callable).")
+    read = _read_specs(spec)
+    if adapter_name is not None and len(read) == 1:
+        read = {adapter_name: next(iter(read.values()))}
+    m = AdaptedModule(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
+                      sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify)
+    for name, (_, tensors, _, where) in read.items():
+        if tensors is not None:
+            checkpoint.load_adapter_state_dict(m.table, tensors, name, where=where)
     if merge:
         m.merge()
         m.eval()
@@ -71,24 +75,16 @@ def _split_inputs(example_inputs):
 
 
 def export(m: AdaptedModule, args=(), kwargs=None, merge: bool = True, dynamic: bool = True):
-    from .export import export_program
-
     return export_program(m, args, kwargs, merge=merge, dynamic=dynamic)
 
 
 def package(ep, path, force: bool = False):
-    from .export import package_program
-
     return package_program(ep, path, force=force)
 
 
 def export_onnx(m: AdaptedModule, args=(), path="model.onnx", kwargs=None, force: bool = False):
-    from .export import export_onnx as _export_onnx
-
     return _export_onnx(m, args, path, kwargs=kwargs, force=force)
 
 
 def backend(spec_or_dir=None, merge: bool = False):
-    from .lowering.backend import make_backend
-
     return make_backend(spec_or_dir, merge=merge)

@@ -15,13 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
-from .passes.method import AdapterError
-
-
-class CaptureError(AdapterError):
-    """The base model could not be exported."""
+from .errors import CaptureError
 
 
 @dataclass
@@ -100,10 +97,14 @@ def _explain(model: nn.Module, err: Exception) -> str:
     )
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> Captured:
-    """Export `model` in the given mode. Never changes the model (its mode flags are restored)."""
+def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors: dict | None = None) -> Captured:
+    """Export `model` in the given mode. Never changes the model: its mode flags are restored, and
+    `tensors` (FQN -> the frozen tensors the graph will run with, e.g. after `m.half()`) stand in
+    for its parameters and buffers only while it is traced, so the graph bakes their dtypes and
+    devices in, not those of the user's tensors."""
     args, kwargs = tuple(args), dict(kwargs)
-    with _mode(model, training):
+    swapped = _reparametrize_module(model, tensors) if tensors else contextlib.nullcontext()
+    with _mode(model, training), swapped:
         try:
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
         except Exception as err:  # noqa: BLE001 - re-raised with the module and the fix

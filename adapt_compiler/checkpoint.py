@@ -4,10 +4,15 @@ Keys are PEFT's: `base_model.model.<module path>.<param>` (e.g. `...q_proj.lora_
 directory written by `PeftModel.save_pretrained` loads here and ours loads into PEFT. Everything is
 validated (method, keys, shapes, finite values) before any tensor is touched; writes go to temporary
 files that are renamed into place, so an interrupted save leaves the previous checkpoint intact.
+
+Also here: hotswap (new weights into a compiled adapter, no recompile) and a graph method's
+sub-adapters (X-LoRA's experts, each a PEFT LoRA folder next to the root config). Every function
+takes the AdapterTable (table.py), never the AdaptedModule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -15,17 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .passes import method_for, method_for_peft_type
-from .passes.method import AdapterError, GraphMethod
+from .errors import AdapterError, CheckpointError
+from .names import PEFT_PREFIX as PREFIX
+from .passes import GraphMethod, method_for, method_for_peft_type
+from .spec import DEFAULT_TARGETS
 
-PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-
-
-class CheckpointError(AdapterError):
-    """A checkpoint that cannot be read or does not fit the model."""
+# spec fields that say where an adapter sits, not what it computes (hotswap may change them)
+_TARGETING = {"targets", "exclude", "modules_to_save", "layers_to_transform", "order"}
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -98,52 +102,72 @@ def fit_spec_to_tensors(spec, tensors: dict):
     return fit(spec, tensors) if fit else spec
 
 
+def read_sub_adapters(method, spec) -> dict:
+    """A graph method's sub-adapters (X-LoRA's experts): name -> (spec, PEFT-keyed tensors or None,
+    where they came from). Directories are read and validated here, before anything is created."""
+    out = {}
+    for name, source in method.sub_adapters(spec).items():
+        if isinstance(source, (str, Path)):
+            config = read_config(source)
+            sub_spec = spec_from_config(config, str(Path(source) / CONFIG_NAME))
+            out[name] = (sub_spec, read_tensors(source), str(source))
+        else:
+            out[name] = (source, None, "spec")
+    return out
+
+
+def read_adapter(path):
+    """(spec, tensors, sub-adapters) of a PEFT adapter directory, all read and validated."""
+    config = read_config(path)
+    tensors = read_tensors(path)
+    spec = fit_spec_to_tensors(spec_from_config(config, str(Path(path) / CONFIG_NAME)), tensors)
+    method = method_for(spec)
+    sub = read_sub_adapters(method, spec) if isinstance(method, GraphMethod) else {}
+    return spec, tensors, sub
+
+
 # -- state dicts ------------------------------------------------------------------------------
-def adapter_state_dict(module, name: str, live: bool = False) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors of adapter `name`; `live=True`: the in-memory shapes (before `saved_tensors`)."""
-    if name not in module.state.specs:
-        raise AdapterError(f"no adapter named {name!r}; known: {list(module.state.specs)}.")
-    spec = module.state.specs[name]
+def adapter_state_dict(table, name: str, live: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of adapter `name`; `live=True`: the tensors themselves, in-memory shapes
+    (before `saved_tensors`), which loads copy into."""
+    if name not in table.specs:
+        raise AdapterError(f"no adapter named {name!r}; known: {list(table.specs)}.")
+    spec = table.specs[name]
     method = method_for(spec)
     out: dict[str, torch.Tensor] = {}
     if isinstance(method, GraphMethod):
-        out.update({method.key_prefix + k: v for k, v in method.state_dict(module, name).items()})
-    for slot in module.slots_of(name):
-        params = slot.params(name)
+        out.update({method.key_prefix + k: v for k, v in method.state_dict(table, name).items()})
+    elif name in table.shared:
+        for pname, t in table.shared[name].as_dict().items():
+            key = method.shared_peft_key(pname)
+            if key is not None:
+                out[key] = t
+    for slot in table.slots_of(name):
+        params = slot.adapters[name].as_dict()
         if not live:
             params = slot.methods[name].saved_tensors(spec, slot.layer, params)
         for pname, t in params.items():
             key = slot.methods[name].peft_key(pname, slot.layer)
             if key is not None:
                 out[f"{PREFIX}{slot.layer.fqn}.{key}"] = t
-    for saved in module.saved.values():
+    for saved in table.saved.values():
         if name in saved.copies:
-            for k, t in saved.copies[name].state_dict().items():
+            for k, t in saved.copies[name].state_dict(keep_vars=True).items():
                 out[f"{PREFIX}{saved.fqn}.{k}"] = t
+    if live:
+        return out
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _expected(module, name: str) -> dict[str, torch.Tensor]:
-    return adapter_state_dict(module, name, live=True)  # loads copy into the live tensors
-
-
-def load_adapter_state_dict(module, state_dict: dict, name: str, where: str = "state dict", hotswap=False) -> None:
-    """Copy PEFT-keyed tensors into adapter `name`; validate everything first."""
-    expected = _expected(module, name)
-    method = method_for(module.state.specs[name])
-    own = getattr(method, "key_prefix", PREFIX)  # a graph method's keys may sit outside base_model.model.
-    given = {(k if k.startswith(PREFIX) or k.startswith(own) else PREFIX + k): v for k, v in state_dict.items()}
-    given = {_strip_adapter_name(k, name): v for k, v in given.items()}
-    if not isinstance(method, GraphMethod):
-        given = {method.checkpoint_key(k): v for k, v in given.items()}  # e.g. legacy Bone keys
-    # PEFT also saves the base embedding when it targets one (save_embedding_layers); the base is ours
-    given = {k: v for k, v in given.items() if ".base_layer." not in k}
+def check_tensors(expected: dict, given: dict, where: str, what: str, padded: bool = False) -> None:
+    """Raise a CheckpointError listing missing / unexpected keys, shape mismatches and non-finite
+    values of `given` against `expected` (key -> tensor). `padded`: a smaller shape fits (hotswap)."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     bad_shape = []
-    for k in set(expected) & set(given):
+    for k in sorted(set(expected) & set(given)):
         want, got = tuple(expected[k].shape), tuple(given[k].shape)
-        if want != got and not (hotswap and _fits_padded(want, got)):
+        if want != got and not (padded and _fits_padded(want, got)):
             bad_shape.append(f"{k}: checkpoint {got} vs model {want}")
     if missing or unexpected or bad_shape:
         lines = []
@@ -154,23 +178,59 @@ def load_adapter_state_dict(module, state_dict: dict, name: str, where: str = "s
         if bad_shape:
             lines.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape[:5])}")
         raise CheckpointError(
-            f"{where} does not fit adapter {name!r} on this model: " + " | ".join(lines)
+            f"{where} does not fit {what} on this model: " + " | ".join(lines)
             + ". Fix: use the checkpoint made for this base model and config (targets, r, method)."
         )
     nonfinite = [k for k, v in given.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise CheckpointError(f"{where}: refused: NaN/Inf values in {', '.join(nonfinite[:5])}.")
-    method = method_for(module.state.specs[name])
-    if isinstance(method, GraphMethod):
-        method.load_state_dict(module, name, {k[len(own):]: v for k, v in given.items() if k.startswith(own)})
-    with torch.no_grad():
-        for k, t in expected.items():
-            src = given[k].to(t.dtype)
-            if src.shape != t.shape:  # hotswap of a smaller rank: zero-pad
-                padded = torch.zeros_like(t)
-                padded[tuple(slice(0, s) for s in src.shape)] = src
-                src = padded
-            _target_tensor(module, name, k).copy_(src)
+
+
+@torch.no_grad()
+def copy_tensors(expected: dict, given: dict) -> None:
+    """Copy each given tensor into the live tensor of the same key (a smaller one zero-padded)."""
+    for k, t in expected.items():
+        src = given[k].to(t.dtype)
+        if src.shape != t.shape:  # hotswap of a smaller rank: zero-pad
+            padded = torch.zeros_like(t)
+            padded[tuple(slice(0, s) for s in src.shape)] = src
+            src = padded
+        t.copy_(src)
+
+
+def _normalise_keys(table, name: str, state_dict: dict) -> dict:
+    method = method_for(table.specs[name])
+    own = getattr(method, "key_prefix", PREFIX)  # a graph method's keys may sit outside base_model.model.
+    given = {(k if k.startswith(("base_model.", own)) else PREFIX + k): v for k, v in state_dict.items()}
+    given = {_strip_adapter_name(k, name): v for k, v in given.items()}
+    if not isinstance(method, GraphMethod):
+        given = {method.checkpoint_key(k): v for k, v in given.items()}  # e.g. legacy Bone keys
+    # PEFT also saves the base embedding when it targets one (save_embedding_layers); the base is ours
+    return {k: v for k, v in given.items() if ".base_layer." not in k}
+
+
+def load_adapter_state_dict(table, state_dict: dict, name: str, where: str = "state dict", hotswap=False) -> None:
+    """Copy PEFT-keyed tensors into adapter `name`; validate everything first."""
+    expected = adapter_state_dict(table, name, live=True)
+    given = _normalise_keys(table, name, state_dict)
+    check_tensors(expected, given, where, f"adapter {name!r}", padded=hotswap)
+    copy_tensors(expected, given)
+
+
+def load_sub_adapters(table, method, name: str, sub_adapters: dict) -> None:
+    """Copy each sub-adapter's checkpoint tensors (read by `read_sub_adapters`) into the modules
+    the graph method created for it; validated first, all of them before any copy."""
+    live = method.sub_adapter_state(table, name)
+    plans = []
+    for sub, (_, tensors, where) in sub_adapters.items():
+        if tensors is None:
+            continue
+        expected = live[sub][2]
+        given = {_strip_adapter_name(k, sub): v for k, v in tensors.items()}
+        check_tensors(expected, given, where, f"{method.name} sub-adapter {sub!r}")
+        plans.append((expected, given))
+    for expected, given in plans:
+        copy_tensors(expected, given)
 
 
 def _fits_padded(want, got) -> bool:
@@ -182,33 +242,63 @@ def _strip_adapter_name(key: str, name: str) -> str:
     return key.replace(f".{name}.weight", ".weight").removesuffix(f".{name}")
 
 
-def _target_tensor(module, name: str, key: str) -> torch.Tensor:
-    rest = key[len(PREFIX):]
-    for slot in module.slots_of(name):
-        prefix = slot.layer.fqn + "."
-        if rest.startswith(prefix):
-            for pname, t in slot.params(name).items():
-                if slot.methods[name].peft_key(pname, slot.layer) == rest[len(prefix):]:
-                    return t
-    for saved in module.saved.values():
-        if name in saved.copies and rest.startswith(saved.fqn + "."):
-            return saved.copies[name].state_dict(keep_vars=True)[rest[len(saved.fqn) + 1:]]
-    method = method_for(module.state.specs[name])
-    if isinstance(method, GraphMethod) and key.startswith(method.key_prefix):
-        return method.state_dict(module, name)[key[len(method.key_prefix):]]
-    raise KeyError(key)
+def live_tensor(table, name: str, key: str) -> torch.Tensor:
+    """The live tensor behind one PEFT key of adapter `name` (tests read its .grad)."""
+    return adapter_state_dict(table, name, live=True)[key]
+
+
+# -- hotswap -----------------------------------------------------------------------------------
+def _changed(old, new) -> set[str]:
+    if type(old) is not type(new):
+        return {"method"}
+    return {f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)}
+
+
+def check_hotswap(table, name: str, new_spec, merged: bool) -> None:
+    """Raise before anything is copied if `new_spec` cannot replace adapter `name` in place.
+
+    Compiled graphs bake the adapter's spec in as Python constants (LoRA's scaling is a float in
+    the graph; Dynamo guards on the spec's fields), so the compiled spec stays: only fields the
+    method can fold into its tensors (`hotswap_foldable`) or targeting fields may differ."""
+    if name not in table.specs:
+        raise AdapterError(f"hotswap: no adapter named {name!r} to replace; known: {list(table.specs)}.")
+    old = table.specs[name]
+    if merged and name in table.active:
+        raise AdapterError(f"hotswap: adapter {name!r} is merged into the weights; unmerge() first.")
+    changed = _changed(old, new_spec) - _TARGETING
+    if "method" in changed:
+        raise AdapterError(
+            f"hotswap: adapter {name!r} is {type(old).__name__}, the checkpoint is {type(new_spec).__name__}; "
+            f"hotswap needs the same method (use load_adapter without hotswap to add it as a new adapter)."
+        )
+    fixed = changed - set(getattr(method_for(old), "hotswap_foldable", ()))
+    if fixed:
+        raise AdapterError(
+            f"hotswap: adapter {name!r} differs from the checkpoint in {sorted(fixed)}, which the compiled graph "
+            f"bakes in; load it without hotswap (a recompile), or save it with the same settings."
+        )
+
+
+def hotswap(table, name: str, new_spec, tensors: dict, where: str, merged: bool) -> None:
+    """Replace adapter `name`'s weights in place (same tensor objects: nothing recompiles); a smaller
+    rank is zero-padded to the compiled one; the method then folds what its spec changed."""
+    check_hotswap(table, name, new_spec, merged)  # before any tensor is touched
+    load_adapter_state_dict(table, tensors, name, where=where, hotswap=True)
+    old = table.specs[name]
+    method = method_for(old)
+    for slot in table.slots_of(name):
+        method.fold_hotswap(old, new_spec, slot.layer, slot.adapters[name].as_dict())
 
 
 # -- writing ----------------------------------------------------------------------------------
-def peft_config(module, name: str) -> dict:
-    spec = module.state.specs[name]
+def peft_config(table, name: str, spec=None) -> dict:
+    spec = spec if spec is not None else table.specs[name]
     method = method_for(spec)
     config = dict(method.to_peft_config(spec))
+    model_config = table.model_config()
     targets = spec.targets
     if targets is None:
-        from .spec import DEFAULT_TARGETS
-
-        targets = DEFAULT_TARGETS.get(getattr(getattr(module._model, "config", None), "model_type", None))
+        targets = DEFAULT_TARGETS.get(getattr(model_config, "model_type", None))
     config.setdefault("target_modules", targets if isinstance(targets, str) or targets is None else list(targets))
     config.setdefault("exclude_modules", spec.exclude)
     config.setdefault("modules_to_save", spec.modules_to_save)
@@ -217,7 +307,7 @@ def peft_config(module, name: str) -> dict:
         peft_type=method.peft_type,
         task_type=None,
         inference_mode=True,
-        base_model_name_or_path=getattr(getattr(module._model, "config", None), "_name_or_path", None) or None,
+        base_model_name_or_path=getattr(model_config, "_name_or_path", None) or None,
         revision=None,
     )
     return config
@@ -238,27 +328,36 @@ def _write_temp(path: Path, write) -> str:
     return tmp
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = _write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _payloads(table, root: Path, names: list[str]) -> list[tuple[Path, dict, dict]]:
+    """(directory, tensors, config) of every folder a save writes: each adapter (the first in
+    `root`, others in `root/<name>/`) and each graph method's sub-adapters in `<its dir>/<sub>/`."""
+    out = []
+    for i, n in enumerate(names):
+        target = root if i == 0 else root / n
+        config = peft_config(table, n)
+        method = method_for(table.specs[n])
+        subs = method.sub_adapter_state(table, n) if isinstance(method, GraphMethod) else {}
+        if subs:
+            # PEFT opens `adapters` values as given (relative = to its cwd), so record the folders'
+            # absolute paths; loading falls back to <root>/<name> when the checkpoint has been moved
+            config["adapters"] = {sub: str((target / sub).resolve()) for sub in subs}
+        out.append((target, adapter_state_dict(table, n), config))
+        for sub, (sub_spec, fqns, tensors) in subs.items():
+            sub_config = peft_config(table, n, sub_spec.replace(targets=sub_spec.targets or list(fqns)))
+            out.append((target / sub, {k: v.detach().contiguous() for k, v in tensors.items()}, sub_config))
+    return out
 
 
-def save_adapter(module, path, adapter_name: str | None = None) -> None:
+def save_adapter(table, path, adapter_name: str | None = None) -> None:
     """PEFT layout: the first (or named) adapter in `path`, any others in `path/<name>/`."""
-    names = [adapter_name] if adapter_name else list(module.state.specs)
+    names = [adapter_name] if adapter_name else list(table.specs)
     for n in names:
-        if n not in module.state.specs:
-            raise AdapterError(f"save_adapter: no adapter named {n!r}; known: {list(module.state.specs)}.")
+        if n not in table.specs:
+            raise AdapterError(f"save_adapter: no adapter named {n!r}; known: {list(table.specs)}.")
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a directory; choose a directory path.")
-    payloads = [(root if i == 0 else root / n, n, adapter_state_dict(module, n), peft_config(module, n))
-                for i, n in enumerate(names)]
+    payloads = _payloads(table, root, names)
     for target, *_ in payloads:  # fail before writing anything
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -272,7 +371,7 @@ def save_adapter(module, path, adapter_name: str | None = None) -> None:
     # (an error or Ctrl-C while writing) leaves the previous weights *and* config in place
     staged: list[tuple[str, Path]] = []
     try:
-        for target, n, tensors, config in payloads:
+        for target, tensors, config in payloads:
             text = json.dumps(config, indent=2, default=str)
             staged.append((_write_temp(target / WEIGHTS_NAME,
                                        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
@@ -281,34 +380,8 @@ def save_adapter(module, path, adapter_name: str | None = None) -> None:
                            target / CONFIG_NAME))
         for tmp, final in staged:
             os.replace(tmp, final)
-        for target, n, _, _ in payloads:  # a graph method's extra files (X-LoRA's expert folders)
-            method = method_for(module.state.specs[n])
-            if isinstance(method, GraphMethod):
-                method.save_files(module, n, target)
     except BaseException:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        raise
-
-
-def load_adapter(module, path, name: str, hotswap: bool = False) -> None:
-    config = read_config(path)
-    tensors = read_tensors(path)
-    spec = fit_spec_to_tensors(spec_from_config(config, str(Path(path) / CONFIG_NAME)), tensors)
-    if hotswap:
-        if name not in module.state.specs:
-            raise AdapterError(f"hotswap: no adapter named {name!r} to replace; known: {list(module.state.specs)}.")
-        from .lowering.hotswap import check_hotswap, rescale_after_hotswap
-
-        check_hotswap(module, name, spec)  # before any tensor is touched
-        load_adapter_state_dict(module, tensors, name, where=str(path), hotswap=True)
-
-        rescale_after_hotswap(module, name, spec)
-        return
-    module.add_adapter(name, spec)
-    try:
-        load_adapter_state_dict(module, tensors, name, where=str(path))
-    except Exception:
-        module.delete_adapter(name)
         raise

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except Exception as err:  # noqa: BLE001 - user-facing errors are printed, not traced
-        from .passes.method import AdapterError
+        from .errors import AdapterError
 
         if isinstance(err, AdapterError):
             print(f"adapt-compiler {args.command}: error: {err}", file=sys.stderr)

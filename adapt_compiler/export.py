@@ -35,14 +35,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .passes.method import AdapterError
-
-# prefixes of the adapter tensors in an unmerged program (module.py's graph root attributes)
-ADAPTER_PREFIXES = ("ac_slots.", "ac_saved.", "ac_graph_")
-
-
-class ExportError(AdapterError):
-    """An export, package or ONNX conversion that cannot be done as asked."""
+from .capture import _dynamic_shapes, _explain
+from .errors import AdapterError, ExportError
+from .module import AdaptedModule
+from .names import ADAPTER_PREFIXES, graph_target, saved_target, slot_target
+from .passes import method_for
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -67,8 +64,6 @@ def _normalize_inputs(args, kwargs) -> tuple[tuple, dict]:
 
 
 def _check_module(m) -> None:
-    from .module import AdaptedModule
-
     if not isinstance(m, AdaptedModule):
         raise ExportError(
             f"export: expected the AdaptedModule returned by ac.compile(), got {type(m).__name__}; "
@@ -129,8 +124,6 @@ def _eval_mode(m: nn.Module):
 
 
 def _torch_export(module: nn.Module, args, kwargs, dynamic: bool, what: str):
-    from .capture import _dynamic_shapes, _explain
-
     shapes = _dynamic_shapes(module, args, kwargs) if dynamic else None
     try:
         return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
@@ -143,13 +136,13 @@ def _adapted_graph(m, args, kwargs) -> torch.fx.GraphModule:
     """The eval-mode adapted graph of `m` for these inputs (captures if needed; eager FX, not compiled)."""
     if m.merged:
         raise ExportError("export(merge=False): the module is merged; call m.unmerge() first or export with merge=True.")
-    if not m._enabled:
+    if not m.adapters_enabled:
         raise ExportError("export(merge=False): adapters are disabled; enable them (leave the "
                           "disable_adapters() context) or export the base model with torch.export.")
-    with _eval_mode(m._model):  # inputs that do not fit: a clear error before capture tries them
-        _check_runs(m._model, args, kwargs, type(m._model).__name__)
-    entry = m._graphs_for(args, kwargs)
-    return m._build(entry, "adapted")
+    model = m.table.model
+    with _eval_mode(model):  # inputs that do not fit: a clear error before capture tries them
+        _check_runs(model, args, kwargs, type(model).__name__)
+    return m.graph(args, kwargs)
 
 
 def export_program(m, args=(), kwargs=None, merge: bool = True, dynamic: bool = True):
@@ -167,17 +160,13 @@ def export_program(m, args=(), kwargs=None, merge: bool = True, dynamic: bool = 
     else:
         with _eval_mode(m):
             gm = _adapted_graph(m, args, kwargs)
-            from .capture import _dynamic_shapes
-
             # the graph module's attribute paths become the program's parameter names; export binds the
             # inputs to its forward signature (the captured input names)
             shapes = _dynamic_shapes(gm, args, kwargs) if dynamic else None
             try:
                 ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
             except Exception as err:  # noqa: BLE001
-                from .capture import _explain
-
-                raise ExportError(f"export (unmerged): {_explain(m._model, err)}") from err
+                raise ExportError(f"export (unmerged): {_explain(m.table.model, err)}") from err
         _snapshot(ep)
     return ep
 
@@ -213,17 +202,18 @@ def adapter_constants(m, adapter_name: str | None = None, as_name: str | None = 
         raise ExportError(f"adapter_constants: no adapter named {name!r}; known: {list(m.state.specs)}.")
     target = as_name or name
     out: dict[str, torch.Tensor] = {}
-    for key, slot in m.slots.items():
+    table = m.table
+    for slot in table.slots.values():
         if name in slot.adapters:
             for pname, t in slot.adapters[name].as_dict().items():
-                out[f"ac_slots.{key}.adapters.{target}.{pname}"] = t
-    for key, saved in m.saved.items():
+                out[f"{slot_target(slot.layer.fqn)}.adapters.{target}.{pname}"] = t
+    for saved in table.saved.values():
         if name in saved.copies:
             for pname, t in saved.copies[name].state_dict(keep_vars=True).items():
-                out[f"ac_saved.{key}.copies.{target}.{pname}"] = t
-    if name in m.graph_adapters:
-        for pname, t in m.graph_adapters[name].state_dict(keep_vars=True).items():
-            out[f"ac_graph_{target}.{pname}"] = t
+                out[f"{saved_target(saved.fqn)}.copies.{target}.{pname}"] = t
+    if name in table.graph_adapters:
+        for pname, t in table.graph_adapters[name].state_dict(keep_vars=True).items():
+            out[f"{graph_target(target)}.{pname}"] = t
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
@@ -349,8 +339,6 @@ def export_onnx(m, args=(), path="model.onnx", kwargs=None, force: bool = False,
         raise ExportError("export_onnx: needs the `onnx` extra: pip install 'adapt-compiler[onnx]'.") from err
     path = _target(path, force, ".onnx")
     if merge is None:
-        from .passes import method_for
-
         merge = all(method_for(m.state.specs[n]).merge_kind != "none" for n in m.active_adapters)
     ep = export_program(m, args, kwargs, merge=merge, dynamic=dynamic)
     kw = {} if opset_version is None else {"opset_version": opset_version}

@@ -22,7 +22,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .passes.method import AdapterError
+from .errors import AdapterError
 
 COLORS = {
     "base": "#cfe2f3",
@@ -53,14 +53,7 @@ def adapted_graph(module, variant: str = "adapted") -> fx.GraphModule:
     """The most recent captured graph of `module` (an AdaptedModule) in its current mode."""
     if isinstance(module, fx.GraphModule):
         return module
-    entries = [e for (training, _), es in module._graphs.items() if training == module.training for e in es]
-    if not entries:
-        entries = [e for es in module._graphs.values() for e in es]
-    if not entries:
-        raise AdapterError(
-            "no graph captured yet: call the adapted module once, or pass example_inputs= to ac.compile()."
-        )
-    return module._build(entries[-1], variant)
+    return module.latest_graph(variant)
 
 
 # -- networkx ----------------------------------------------------------------------------------
@@ -157,8 +150,12 @@ def _expand_slot(g: nx.DiGraph, gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     metas = [torch.empty_like(tensors[n], device="meta") for n in names]
 
+    # the plan's decisions for this node (not `prepared`: those are graph nodes; the slot then
+    # computes its parameter transform itself)
+    decided = {k: v for k, v in node.kwargs.items() if k != "prepared"}
+
     def run(plist, x, w, b):
-        return functional_call(slot, dict(zip(names, plist)), (x, w, b))
+        return functional_call(slot, dict(zip(names, plist)), (x, w, b), decided)
 
     try:
         inner = make_fx(run)(metas, vals[0], vals[1], vals[2])

@@ -1,40 +1,47 @@
-"""AdaptedModule: the frozen base (shared storage), the adapters, and one graph per mode.
+"""AdaptedModule: the user-facing facade over the adapter table, the pipeline and the graph cache.
 
 The user's model is never modified: base parameters are re-wrapped as frozen `nn.Parameter`s that
 share storage with the user's tensors; merge swaps in new tensors and keeps the originals, so
-unmerge restores them bit-for-bit without arithmetic.
+unmerge restores them bit-for-bit without arithmetic. Everything the compiler reads lives in the
+`AdapterTable` (`self.table`); graphs are built by `pipeline.build` and cached here per mode and
+input structure, one per variant.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
-from . import capture as capture_mod
-from .passes import COUNTERS, insert_weight_adapters, method_for, redirect_saved_modules
-from .passes import debug_print
+from . import checkpoint, pipeline
+from .capture import Captured, fits, signature
+from .counters import COUNTERS
+from .errors import AdapterError
+from .lowering import lowering_name
+from .lowering import merge as merging
+from .lowering.mixed import check_adapter_names
+from .lowering.plan import decisions_of
+from .lowering.slots import AdapterSlot, SavedModuleSlot
+from .names import slot_key
+from .passes import GraphMethod, method_for
 from .passes.match import describe_layer, layer_kind
-from .passes.method import AdapterError
-from .slots import AdapterParams, AdapterSlot, AdapterState, SavedModuleSlot, slot_key
+from .progress import status
+from .report import build_report
 from .spec import resolve_targets
-
-SLOTS = "ac_slots"
-SAVED = "ac_saved"
-GRAPH = "ac_graph"
+from .table import AdapterParams, AdapterState, AdapterTable
 
 
 @dataclass
-class _Graphs:
-    """The graphs of one capture (mode + input structure), built and lowered lazily."""
+class _Entry:
+    """The graphs of one capture (mode + input structure), built and lowered lazily per variant."""
 
-    captured: capture_mod.Captured
-    variants: dict = field(default_factory=dict)  # "adapted" | "merged" | "disabled" -> GraphModule
-    lowered: dict = field(default_factory=dict)  # same keys -> callable
+    captured: Captured
+    graphs: dict = field(default_factory=dict)  # variant -> GraphModule
+    lowered: dict = field(default_factory=dict)  # variant -> callable
 
 
 class _Disabled(contextlib.AbstractContextManager):
@@ -47,71 +54,87 @@ class _Disabled(contextlib.AbstractContextManager):
 
 
 class AdaptedModule(nn.Module):
-    def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor"):
+    def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
+                 verify: bool = True):
         super().__init__()
         if not specs:
             raise AdapterError("compile(): no adapter spec given; pass e.g. ac.LoRA(r=8, targets=[...]).")
         self.__dict__["_model"] = model  # not a child: its params are not ours
         self.lowering = lowering
-        self.state = AdapterState()
+        self.verify = verify  # check each compiled graph's first call against the eager graph
         self.slots = nn.ModuleDict()  # slot_key(fqn) -> AdapterSlot
         self.saved = nn.ModuleDict()  # slot_key(fqn) -> SavedModuleSlot
-        self.graph_adapters = nn.ModuleDict()  # adapter name -> params of a graph-level method
+        self.graph_adapters = nn.ModuleDict()  # adapter name -> modules of a graph-level method
+        self.shared = nn.ModuleDict()  # adapter name -> tensors a weight method shares across layers
         self.base = nn.Module()  # frozen view of the model's params/buffers, same storage
-        self._frozen: dict[str, torch.Tensor] = {}  # FQN -> frozen tensor (tied weights share one)
+        self.__dict__["table"] = AdapterTable(model, self._freeze_base(model), AdapterState(), self.slots,
+                                              self.saved, self.graph_adapters, self.shared)
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
-        self._graphs: dict = {}
+        self._graphs: dict = {}  # (training, input signature) -> [_Entry]
         self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
         self._enabled = True
         self._merged = False
-        self._freeze_base(model)
         for name, spec in specs.items():
-            self.add_adapter(name, spec)
+            self.add_adapter(name, spec, (sub_adapters or {}).get(name))
         self.set_adapter(next(iter(specs)))
         self.train(model.training)  # start in the user's model's mode
 
+    @property
+    def state(self) -> AdapterState:
+        return self.table.state
+
     # -- construction --------------------------------------------------------------------
-    def _freeze_base(self, model: nn.Module) -> None:
-        by_id: dict[int, torch.Tensor] = {}
+    def _freeze_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        frozen, by_id, names = {}, {}, {}
         for fqn, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
             if id(t) not in by_id:
                 by_id[id(t)] = nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, nn.Parameter) else t
-            self._frozen[fqn] = by_id[id(t)]
+            frozen[fqn] = by_id[id(t)]
         for i, t in enumerate(dict.fromkeys(by_id.values())):
             # registered once, so .to()/.state_dict() see them; the graphs reach them by FQN
             if isinstance(t, nn.Parameter):
+                names[id(t)] = f"p{i}"
                 self.base.register_parameter(f"p{i}", t)
             else:
+                names[id(t)] = f"b{i}"
                 self.base.register_buffer(f"b{i}", t, persistent=False)
+        self._base_names = {fqn: names[id(t)] for fqn, t in frozen.items()}  # FQN -> name under self.base
+        return frozen
 
-    def add_adapter(self, name: str, spec) -> None:
-        """Create an adapter's parameters now (users build the optimizer before the first call)."""
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype/device)`, `.half()`, `.double()`, ...: the frozen base copies, the adapters and
+        the kept originals of a merge move together; the user's model does not. Graphs are
+        captured again (the captured one baked the old dtypes and devices in)."""
+        super()._apply(fn, recurse)
+        frozen = self.table.frozen
+        for fqn, name in self._base_names.items():  # buffers are new tensor objects after _apply
+            frozen[fqn] = getattr(self.base, name)
+        self._originals = {k: fn(v) for k, v in self._originals.items()}
+        self.invalidate_graphs()
+        return self
+
+    def add_adapter(self, name: str, spec, sub_adapters: dict | None = None) -> None:
+        """Create an adapter's parameters now (users build the optimizer before the first call).
+        `sub_adapters`: a graph method's sub-adapters as read by checkpoint.read_sub_adapters."""
         if not isinstance(name, str) or not name or "." in name:
             raise AdapterError(f"adapter name {name!r} must be a non-empty string without dots.")
         if name in self.state.specs:
             raise AdapterError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r}).")
         method = method_for(spec)
-        model = self._model
         for target in spec.modules_to_save or []:  # validated before anything is created
             self._saved_module_fqns(target)
-        if getattr(method, "kind", "weight") == "graph":
-            method.setup(self, name, spec)
+        if isinstance(method, GraphMethod):
+            if sub_adapters is None:
+                sub_adapters = checkpoint.read_sub_adapters(method, spec)
+            holder, spec = method.setup(self.table, name, spec, {n: s for n, (s, _, _) in sub_adapters.items()})
+            self.graph_adapters[name] = holder
+            try:
+                checkpoint.load_sub_adapters(self.table, method, name, sub_adapters)
+            except Exception:
+                del self.graph_adapters[name]
+                raise
         else:
-            fqns = resolve_targets(spec, model, layer_kind)
-            modules = dict(model.named_modules())
-            layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
-            for layer in layers.values():  # validate everything before creating anything
-                method.check(spec, layer)
-            created = {}
-            for fqn, layer in layers.items():
-                weight = self._canonical_weight(fqn, layer)
-                tensors = method.init_params(spec, layer, weight)
-                created[fqn] = (layer, AdapterParams(tensors, method.buffer_names))
-            for fqn, (layer, params) in created.items():
-                key = slot_key(fqn)
-                if key not in self.slots:
-                    self.slots[key] = AdapterSlot(layer, self.state)
-                self.slots[key].add(name, method, params.to(self._frozen[fqn + ".weight"].device))
+            self._add_weight_adapter(name, method, spec)
         for fqn in spec.modules_to_save or []:
             self._add_saved_module(name, fqn)
         self.state.specs[name] = spec
@@ -119,6 +142,30 @@ class AdaptedModule(nn.Module):
             if n == name:
                 p.requires_grad_(name in self.state.active)
         self.invalidate_graphs()  # the adapted graphs change; base captures could be kept, but are cheap
+
+    def _add_weight_adapter(self, name: str, method, spec) -> None:
+        model = self._model
+        fqns = resolve_targets(spec, model, layer_kind)
+        modules = dict(model.named_modules())
+        layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
+        for layer in layers.values():  # validate everything before creating anything
+            method.check(spec, layer)
+        device = self.table.frozen[fqns[0] + ".weight"].device
+        shared_tensors = method.init_shared(spec, list(layers.values()))
+        shared = AdapterParams({k: v.to(device) for k, v in shared_tensors.items()},
+                               method.buffer_names) if shared_tensors else None
+        created = {}
+        for fqn, layer in layers.items():
+            weight = self.table.frozen[fqn + ".weight"]
+            tensors = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
+            created[fqn] = (layer, AdapterParams(tensors, method.buffer_names))
+        if shared is not None:
+            self.shared[name] = shared
+        for fqn, (layer, params) in created.items():
+            key = slot_key(fqn)
+            if key not in self.slots:
+                self.slots[key] = AdapterSlot(layer, self.state)
+            self.slots[key].add(name, method, params.to(self.table.frozen[fqn + ".weight"].device), shared)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.state.specs:
@@ -135,8 +182,10 @@ class AdaptedModule(nn.Module):
             self.saved[key].copies.pop(name, None)
             if not len(self.saved[key].copies):
                 del self.saved[key]
-        if name in self.graph_adapters:
-            del self.graph_adapters[name]
+        for holder in (self.graph_adapters, self.shared):
+            if name in holder:
+                del holder[name]
+        self.table.method_state.pop(name, None)
         del self.state.specs[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
         self.invalidate_graphs()
@@ -145,8 +194,6 @@ class AdaptedModule(nn.Module):
         modules = dict(self._model.named_modules())
         hits = [f for f in modules if f and (f == target or f.endswith("." + target))]
         if not hits:
-            import difflib
-
             leaves = sorted({f.split(".")[-1] for f in modules if f})
             close = difflib.get_close_matches(str(target).split(".")[-1], leaves, n=5, cutoff=0.4)
             hint = f"close module names: {', '.join(close)}" if close else f"module names include: {', '.join(leaves[:12])}"
@@ -163,10 +210,6 @@ class AdaptedModule(nn.Module):
             for p in clone.parameters():
                 p.requires_grad_(True)
             self.saved[key].copies[name] = clone
-
-    def _canonical_weight(self, fqn: str, layer) -> torch.Tensor:
-        w = self._frozen[fqn + ".weight"]
-        return w.t() if layer.transposed else w
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
@@ -191,18 +234,8 @@ class AdaptedModule(nn.Module):
             p.requires_grad_(name in names)
 
     def _adapter_tensors(self):
-        for slot in self.slots.values():
-            for name, params in slot.adapters.items():
-                for p in params.parameters():
-                    yield name, p
-        for slot in self.saved.values():
-            for name, clone in slot.copies.items():
-                for p in clone.parameters():
-                    yield name, p
-        for name, holder in self.graph_adapters.items():
-            for p in holder.parameters():
-                if not getattr(p, "_ac_frozen", False):
-                    yield name, p
+        for name, _, _, p in self.table.tensors():
+            yield name, p
 
     def adapter_parameters(self):
         """The trainable parameters (the active adapters'); the base is frozen."""
@@ -227,14 +260,15 @@ class AdaptedModule(nn.Module):
     def forward(self, *args, adapter_names=None, **kwargs):
         if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
             return self._traced_forward(args, kwargs, adapter_names)
-        entry = self._graphs_for(args, kwargs)
+        entry = self._entry_for(args, kwargs)
         self._traced[_structure_key(self.training, args, kwargs)] = entry
-        variant = self._variant()
+        variant = self._variant(adapter_names)
         if adapter_names is not None:
-            from .lowering.mixed import check_adapter_names
-
-            self.state.mixed = check_adapter_names(self, adapter_names, args, kwargs)
-            variant = "adapted"
+            self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
+        for name in self.state.active:
+            method = method_for(self.state.specs[name])
+            if isinstance(method, GraphMethod):
+                method.before_call(self.table, name, self.training)
         try:
             return self._lowered(entry, variant)(*args, **kwargs)
         finally:
@@ -243,123 +277,90 @@ class AdaptedModule(nn.Module):
     def _traced_forward(self, args, kwargs, adapter_names):
         """forward under Dynamo: no capture, no nested torch.compile; the already-built graph is inlined."""
         entry = self._traced.get(_structure_key(self.training, args, kwargs))
-        variant = self._variant() if adapter_names is None else "adapted"
-        gm = None if entry is None else entry.variants.get(variant)
+        variant = self._variant(adapter_names)
+        gm = None if entry is None else entry.graphs.get(variant)
         if gm is None:
             raise AdapterError(
                 f"torch.compile(AdaptedModule): no {variant!r} graph for these inputs yet; call the module once "
                 f"eagerly with inputs of this structure (or ac.compile(..., example_inputs=...)) before compiling."
             )
         if adapter_names is not None:
-            from .lowering.mixed import check_adapter_names
-
-            self.state.mixed = check_adapter_names(self, adapter_names, args, kwargs)
+            self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
         try:
             return gm(*args, **kwargs)
         finally:
             self.state.mixed = None
 
-    def _variant(self) -> str:
+    def _variant(self, adapter_names=None) -> str:
+        if adapter_names is not None:
+            return "mixed"
         if not self._enabled:
             return "disabled"
         return "merged" if self._merged else "adapted"
 
-    def _graphs_for(self, args, kwargs) -> _Graphs:
-        key = (self.training, capture_mod.signature(args, kwargs))
+    def _entry_for(self, args, kwargs) -> _Entry:
+        key = (self.training, signature(args, kwargs))
         entries = self._graphs.setdefault(key, [])
         for entry in entries:
-            if capture_mod.fits(entry.captured, args, kwargs):
+            if fits(entry.captured, args, kwargs):
                 return entry
-        from .progress import status
-
-        with status(f"capturing {type(self._model).__name__} ({'train' if self.training else 'eval'}) with torch.export"):
-            entry = _Graphs(capture_mod.capture(self._model, args, kwargs, self.training))
+        mode = "train" if self.training else "eval"
+        with status(f"capturing {type(self._model).__name__} ({mode}) with torch.export"):
+            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
 
+    def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:
+        if variant not in entry.graphs:
+            entry.graphs[variant] = pipeline.build(entry.captured, self.table, variant)
+        return entry.graphs[variant]
+
+    def _lowered(self, entry: _Entry, variant: str):
+        if variant not in entry.lowered:
+            entry.lowered[variant] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
+        return entry.lowered[variant]
+
     def capture(self, args=(), kwargs=None) -> None:
-        """Capture the graphs for this input structure now (train and eval), not on the first call."""
-        kwargs = kwargs or {}
-        mode = self.training
-        for training in (mode,):
-            self.train(training)
-            entry = self._graphs_for(tuple(args), kwargs)
-            self._traced[_structure_key(training, tuple(args), kwargs)] = entry
-            self._build(entry, "adapted")
-        self.train(mode)
+        """Capture and build the graph for this input structure in the current mode now, not on the first call."""
+        args, kwargs = tuple(args), kwargs or {}
+        entry = self._entry_for(args, kwargs)
+        self._traced[_structure_key(self.training, args, kwargs)] = entry
+        self._graph(entry, "adapted")
 
-    def _build(self, entry: _Graphs, variant: str) -> fx.GraphModule:
-        if variant in entry.variants:
-            return entry.variants[variant]
-        source = entry.captured.graph_module
-        graph = copy.deepcopy(source.graph)
-        root = self._graph_root(source)
-        gm = fx.GraphModule(root, graph)
-        for name in (SLOTS, SAVED, *(f"ac_graph_{n}" for n in self.graph_adapters)):
-            setattr(gm, name, getattr(root, name))
-        if variant in ("adapted", "merged") and len(self.saved):
-            redirect_saved_modules(gm, {m.fqn: m for m in self.saved.values()}, SAVED)
-        if variant == "adapted":
-            slots = {s.layer.fqn: s for s in self.slots.values()}
-            if slots:
-                insert_weight_adapters(gm, slots, SLOTS)
-            from .passes.method import GraphMethod
+    def graph(self, args=(), kwargs=None, variant: str = "adapted") -> fx.GraphModule:
+        """The (uncompiled) graph this module runs for these inputs in its current mode: the
+        adapters, and the plan's decisions on each adapted layer's node (node.kwargs, node.meta)."""
+        entry = self._entry_for(tuple(args), kwargs or {})
+        return self._graph(entry, variant)
 
-            for name, spec in self.state.specs.items():
-                method = method_for(spec)
-                if isinstance(method, GraphMethod):
-                    method.rewrite(gm, self, name, entry.captured)
-            from .lowering import choose_orders
-            from .lowering.batching import batch_parameter_transforms
+    def latest_graph(self, variant: str = "adapted") -> fx.GraphModule:
+        """The most recently captured graph of the current mode (else of any mode)."""
+        entries = [e for (training, _), es in self._graphs.items() if training == self.training for e in es]
+        entries = entries or [e for es in self._graphs.values() for e in es]
+        if not entries:
+            raise AdapterError(
+                "no graph captured yet: call the adapted module once, or pass example_inputs= to ac.compile()."
+            )
+        return self._graph(entries[-1], variant)
 
-            choose_orders(self, gm)
-            batch_parameter_transforms(self, gm, root)
-        gm.graph.lint()
-        gm = fx.GraphModule(root, gm.graph)  # keeps only what the final graph references
-        debug_print(gm, f"adapter passes ({variant})")
-        entry.variants[variant] = gm
-        return gm
-
-    def _graph_root(self, source: fx.GraphModule) -> nn.Module:
-        """A root whose attribute paths are the model's FQNs (frozen tensors) plus the slots."""
-        root = nn.Module()
-        for node in source.graph.nodes:
-            if node.op == "get_attr":
-                t = self._frozen.get(node.target)
-                if t is None:  # a constant export lifted (not a model tensor)
-                    t = _get_path(source, node.target)
-                _set_path(root, node.target, t)
-            elif node.op == "call_module":  # export's own helpers (e.g. _guards_fn)
-                _set_path(root, node.target, source.get_submodule(node.target))
-        setattr(root, SLOTS, self.slots)
-        setattr(root, SAVED, self.saved)
-        for name, holder in self.graph_adapters.items():
-            setattr(root, f"ac_graph_{name}", holder)
-        return root
-
-    def _lowered(self, entry: _Graphs, variant: str):
-        fn = entry.lowered.get(variant)
-        if fn is None:
-            from .lowering import lower
-
-            fn = entry.lowered[variant] = lower(self._build(entry, variant), self.lowering)
-        return fn
+    def decisions(self, variant: str = "adapted") -> dict:
+        """(layer FQN, adapter) -> the plan's Decision (order, FLOPs compared, ...) on the latest
+        graph of the current mode; the same objects the graph's nodes carry."""
+        return decisions_of(self.latest_graph(variant))
 
     # -- merge -----------------------------------------------------------------------------
     def merge(self) -> None:
         """Fold the active adapters into the (frozen copies of the) base weights."""
-        from .lowering.merge import merge_into
-
         if self._merged:
             return
-        self._originals = merge_into(self)
+        self._originals = merging.merge_into(self.table)
         self._merged = True
 
     def unmerge(self) -> None:
         """Restore the original weights bit-for-bit (kept, never recomputed)."""
         for fqn, original in self._originals.items():
-            self._frozen[fqn].data = original
+            self.table.frozen[fqn].data = original
         self._originals = {}
         self._merged = False
 
@@ -367,32 +368,35 @@ class AdaptedModule(nn.Module):
     def merged(self) -> bool:
         return self._merged
 
+    @property
+    def adapters_enabled(self) -> bool:
+        return self._enabled
+
     def merged_module(self) -> nn.Module:
         """A plain module of the base architecture with the active adapters merged into its weights."""
-        from .lowering.merge import merged_copy
-
-        return merged_copy(self)
+        return merging.merged_copy(self.table, self._originals if self._merged else None)
 
     # -- adapters as files -------------------------------------------------------------------
     def save_adapter(self, path, adapter_name: str | None = None) -> None:
-        from .checkpoint import save_adapter
-
-        save_adapter(self, path, adapter_name)
+        checkpoint.save_adapter(self.table, path, adapter_name)
 
     def load_adapter(self, path, adapter_name: str = "default", hotswap: bool = False) -> None:
-        from .checkpoint import load_adapter
-
-        load_adapter(self, path, adapter_name, hotswap=hotswap)
+        spec, tensors, sub = checkpoint.read_adapter(path)  # read and validated before anything changes
+        if hotswap:
+            checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
+            return
+        self.add_adapter(adapter_name, spec, sub)
+        try:
+            checkpoint.load_adapter_state_dict(self.table, tensors, adapter_name, where=str(path))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        from .checkpoint import adapter_state_dict
-
-        return adapter_state_dict(self, adapter_name or self.state.active[0])
+        return checkpoint.adapter_state_dict(self.table, adapter_name or self.state.active[0])
 
     def load_adapter_state_dict(self, state_dict, adapter_name: str | None = None) -> None:
-        from .checkpoint import load_adapter_state_dict
-
-        load_adapter_state_dict(self, state_dict, adapter_name or self.state.active[0])
+        checkpoint.load_adapter_state_dict(self.table, state_dict, adapter_name or self.state.active[0])
 
     # -- method hooks --------------------------------------------------------------------------
     def regularization_loss(self) -> torch.Tensor:
@@ -401,7 +405,7 @@ class AdaptedModule(nn.Module):
         for name in self.state.active:
             spec = self.state.specs[name]
             method = method_for(spec)
-            pairs = [(s.layer, s.params(name)) for s in self.slots.values() if name in s.methods]
+            pairs = [(s.layer, s.params(name)) for s in self.table.slots_of(name)]
             term = method.regularization_loss(spec, pairs) if hasattr(method, "regularization_loss") else None
             if term is not None:
                 total = term if total is None else total + term
@@ -412,7 +416,7 @@ class AdaptedModule(nn.Module):
         for name in self.state.active:
             method = method_for(self.state.specs[name])
             if hasattr(method, "latest_scalings"):
-                return method.latest_scalings(self, name)
+                return method.latest_scalings(self.table, name)
         raise AdapterError("xlora_scalings: no active X-LoRA adapter.")
 
     def update_and_allocate(self, global_step: int) -> None:
@@ -421,21 +425,31 @@ class AdaptedModule(nn.Module):
         for name in self.state.active:
             method = method_for(self.state.specs[name])
             if hasattr(method, "update_and_allocate"):
-                method.update_and_allocate(self, name, global_step)
+                method.update_and_allocate(self.table, name, global_step)
                 done = True
         if not done:
             raise AdapterError("update_and_allocate: no active AdaLoRA adapter.")
 
     def report(self, print_table: bool = False):
-        from .report import build_report
-
-        rep = build_report(self)
+        graph = self.latest_graph() if self._graphs and self.state.specs else None
+        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks())
         if print_table:
             rep.print()
         return rep
 
+    def _checks(self) -> list:
+        """(graph description, guard verdict) of every compiled graph built so far."""
+        out = []
+        for (training, _), entries in self._graphs.items():
+            for i, entry in enumerate(entries):
+                for variant, fn in entry.lowered.items():
+                    gm = entry.graphs[variant]
+                    if "ac_guard" in gm.meta:
+                        out.append((f"{'train' if training else 'eval'}/{variant}#{i}", gm.meta["ac_guard"]))
+        return out
+
     def slots_of(self, adapter_name: str):
-        return [s for s in self.slots.values() if adapter_name in s.methods]
+        return self.table.slots_of(adapter_name)
 
     def invalidate_graphs(self) -> None:
         self._graphs.clear()
@@ -446,29 +460,3 @@ def _structure_key(training: bool, args: tuple, kwargs: dict) -> tuple:
     """A key Dynamo can compute and hash (pytree specs it cannot): mode, arg count, kwarg names, ranks."""
     values = (*args, *kwargs.values())
     return training, len(args), tuple(kwargs), tuple(v.dim() if isinstance(v, torch.Tensor) else None for v in values)
-
-
-def _get_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_path(root: nn.Module, path: str, value) -> None:
-    *parents, leaf = path.split(".")
-    obj = root
-    for part in parents:
-        if not hasattr(obj, part):
-            obj.add_module(part, nn.Module())
-        obj = getattr(obj, part)
-    if isinstance(value, nn.Parameter):
-        obj.register_parameter(leaf, value)
-    elif isinstance(value, torch.Tensor):
-        obj.register_buffer(leaf, value, persistent=False)
-    else:
-        setattr(obj, leaf, value)
-
-
-def flat_outputs(out):
-    return pytree.tree_leaves(out)

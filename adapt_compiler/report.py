@@ -1,7 +1,8 @@
 """report(): what matched where, parameters added, and the evaluation order the cost model chose.
 
-`build_report(module)` reads the AdaptedModule's slots (one per adapted layer) and the cost model's
-choices recorded there when a graph was captured (`lowering.choose_orders`). The `Report` prints as
+`build_report(table, lowering, graph)` reads the adapter table's slots (one per adapted layer) and
+the decisions the plan recorded on the nodes of `graph` (`lowering.plan`), the module's latest
+graph in its current mode. The `Report` prints as
 plain text (`str(rep)`) or as a rich table (`rep.print()`, `rep.to_rich()`, `rich.print(rep)`).
 
 "Unmatched" layers are the near misses: modules of the same class as a targeted layer (so the
@@ -14,7 +15,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .passes import COUNTERS
+from .counters import COUNTERS
+from .lowering import kernel_backend
+from .lowering.plan import decisions_of
+from .passes import GraphMethod, method_for
+from .passes.match import describe_layer, layer_kind
+from .spec import DEFAULT_TARGETS, _output_head, is_target
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Report:
     base_params: int = 0
     lowering: str = ""
     kernel: str = ""
+    checks: list = field(default_factory=list)  # (graph, lowering.guard.Verdict or None) per compiled graph
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)
@@ -103,6 +110,7 @@ class Report:
             f"trainable params: {self.trainable_params:,} ({self.trainable_percent:.3f}% of {self.base_params:,} base)"
             f" | lowering: {self.lowering} | LoRA kernel: {self.kernel}"
         )
+        lines += [f"compiled graph {what}: {_check_text(v)}" for what, v in self.checks]
         return "\n".join(lines)
 
     # -- rich -------------------------------------------------------------------------------------
@@ -150,6 +158,9 @@ class Report:
                 f"{n} ({m}, {p:,}{', active' if n in self.active else ''})" for n, (m, p) in self.adapters.items()
             ))
         totals.append(f"\nlowering: {self.lowering} | LoRA kernel: {self.kernel}")
+        for what, verdict in self.checks:
+            style = "bold red" if verdict is not None and verdict.status == "mismatch" else None
+            totals.append(f"\ncompiled graph {what}: {_check_text(verdict)}", style=style)
         parts = [table, totals]
         if unmatched:
             parts.append(self._unmatched_table())
@@ -184,6 +195,17 @@ class Report:
         console.print(self.to_rich(unmatched=unmatched))
 
 
+def _check_text(verdict) -> str:
+    """The guard's verdict on one compiled graph (lowering/guard.py)."""
+    if verdict is None:
+        return "not run yet (checked against eager on its first call)"
+    if verdict.status == "passed":
+        return f"checked against eager: {verdict.compared} tensors agree (worst relative error {verdict.worst:.1e})"
+    bad = ", ".join(w for w, _, _ in verdict.mismatches[:3])
+    return (f"MISMATCH with eager on its first call ({len(verdict.mismatches)} tensors, e.g. {bad}); "
+            f"now runs on the {verdict.lowering} lowering")
+
+
 def _shape(shape) -> str:
     return "×".join(str(d) for d in shape)
 
@@ -207,15 +229,16 @@ def _crossover(r: LayerRow) -> str:
 
 
 # -- building ---------------------------------------------------------------------------------
-def build_report(module) -> Report:
-    from .lowering import kernel_backend
-
-    rep = Report(lowering=module.lowering, counters=dict(COUNTERS), active=tuple(module.state.active),
-                 model_name=type(module._model).__name__)
-    for slot in module.slots.values():
+def build_report(table, lowering: str, graph=None, checks=()) -> Report:
+    """The report of one AdaptedModule's table; orders and FLOPs from the plan on `graph` (None:
+    nothing captured yet); `checks`: (graph description, guard verdict) of each compiled graph."""
+    rep = Report(lowering=lowering, counters=dict(COUNTERS), active=tuple(table.active),
+                 model_name=type(table.model).__name__, checks=list(checks))
+    decisions = decisions_of(graph) if graph is not None else {}
+    for slot in table.slots.values():
         for name, method in slot.methods.items():
-            info = slot.costs.get(name)
-            choice = info["choice"] if info else None
+            d = decisions.get((slot.layer.fqn, name))
+            choice = d.choice if d else None
             rep.rows.append(
                 LayerRow(
                     adapter=name,
@@ -224,47 +247,43 @@ def build_report(module) -> Report:
                     kind=slot.layer.kind,
                     weight_shape=slot.layer.weight_shape,
                     params=sum(p.numel() for p in slot.adapters[name].parameters()),
-                    order=slot.orders.get(name, "activation") if info else "activation (not captured yet)",
+                    order=d.order if d else "activation (not captured yet)",
                     flops=choice.evaluated() if choice else {},
-                    tokens=info["tokens_expr"] if info else "?",
+                    tokens=d.tokens_expr if d else "?",
                     crossover=choice.crossover if choice else None,
                     at_tokens=choice.at_tokens if choice else None,
-                    batched_with=info.get("batched_with", 0) if info else 0,
+                    batched_with=d.batched_with if d else 0,
                 )
             )
-    for saved in module.saved.values():
+    for saved in table.saved.values():
         for name, clone in saved.copies.items():
             rep.saved.append(SavedRow(name, saved.fqn, sum(p.numel() for p in clone.parameters())))
-    for name, holder in module.graph_adapters.items():
-        rep.graph_adapters[name] = (module.state.specs[name].method, sum(p.numel() for p in holder.parameters()))
-    for name, spec in module.state.specs.items():
+    for name, holder in table.graph_adapters.items():
+        rep.graph_adapters[name] = (table.specs[name].method, sum(p.numel() for p in holder.parameters()))
+    for name, spec in table.specs.items():
         n = sum(r.params for r in rep.rows if r.adapter == name) + sum(s.params for s in rep.saved if s.adapter == name)
         n += rep.graph_adapters.get(name, ("", 0))[1]
+        n += sum(p.numel() for p in table.shared[name].parameters()) if name in table.shared else 0
         rep.adapters[name] = (spec.method, n)
-    rep.unmatched = find_unmatched(module)
-    rep.trainable_params = sum(p.numel() for p in module.adapter_parameters())
-    rep.base_params = sum(p.numel() for p in module._model.parameters())
-    device = next(iter(module._frozen.values())).device if module._frozen else None
+    rep.unmatched = find_unmatched(table)
+    rep.trainable_params = sum(p.numel() for *_, p in table.tensors() if p.requires_grad)
+    rep.base_params = sum(p.numel() for p in table.model.parameters())
+    device = next(iter(table.frozen.values())).device if table.frozen else None
     rep.kernel = kernel_backend(device) if device is not None else "-"
     return rep
 
 
-def find_unmatched(module) -> list[UnmatchedRow]:
+def find_unmatched(table) -> list[UnmatchedRow]:
     """Per weight-method adapter: modules of a targeted class that it does not adapt, and why."""
-    from .passes import method_for
-    from .passes.match import describe_layer, layer_kind
-    from .passes.method import GraphMethod
-    from .spec import DEFAULT_TARGETS, _output_head
-
-    model = module._model
+    model = table.model
     modules = dict(model.named_modules())
     head = _output_head(model)
     out: list[UnmatchedRow] = []
-    for name, spec in module.state.specs.items():
+    for name, spec in table.specs.items():
         method = method_for(spec)
         if isinstance(method, GraphMethod):
             continue
-        adapted = {s.layer.fqn for s in module.slots_of(name)}
+        adapted = {s.layer.fqn for s in table.slots_of(name)}
         classes = {type(modules[f]) for f in adapted if f in modules}
         kinds = getattr(method, "kinds", frozenset())
         targets = spec.targets
@@ -283,8 +302,6 @@ def find_unmatched(module) -> list[UnmatchedRow]:
 
 
 def _why_not(spec, fqn: str, targets, head) -> str:
-    from .spec import is_target
-
     plain = spec.replace(exclude=None, modules_to_save=None, layers_to_transform=None)
     if spec.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", fqn) for m in spec.modules_to_save):
         return "in modules_to_save (trained as a whole copy)"

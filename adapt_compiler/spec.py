@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from .passes.method import AdapterError
+from .errors import AdapterError
 
 # PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {

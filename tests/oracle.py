@@ -68,18 +68,11 @@ def adapter_grads_peft(peft_model) -> dict[str, torch.Tensor]:
 
 
 def adapter_grads_ours(m, adapter_name="default") -> dict[str, torch.Tensor]:
+    """Our adapter gradients keyed like our saved state dict (the live tensors behind its keys)."""
     from adapt_compiler.checkpoint import adapter_state_dict
 
-    sd = adapter_state_dict(m, adapter_name)
-    # adapter_state_dict returns detached tensors; map back to live params by identity of storage
-    live = {}
-    from adapt_compiler.checkpoint import _target_tensor
-
-    for k in sd:
-        t = _target_tensor(m, adapter_name, k)
-        if t.grad is not None:
-            live[k] = t.grad
-    return live
+    live = adapter_state_dict(m.table, adapter_name, live=True)
+    return {k: t.grad for k, t in live.items() if t.grad is not None}
 
 
 def compare_grads(m, peft_model, adapter_name="default", rtol=1e-5, atol=1e-6):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapt_compiler as ac
-from adapt_compiler.checkpoint import _target_tensor
+from adapt_compiler.checkpoint import live_tensor
 from models import image_batch, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 from oracle import assert_close, compare_grads, logits_of, ours_from_peft, peft_twin, randomize_
 
@@ -69,21 +69,21 @@ def test_identity_at_init_orders_agree_and_merge_unmerge():
     weight_side = ac.compile(base, spec, lowering="eager")
     weight_side.load_adapter_state_dict(m.adapter_state_dict())
     assert_close(weight_side(**batch).logits, act, what="weight order vs activation order")
-    assert {s.orders["default"] for s in weight_side.slots.values()} == {"weight"}
-    assert {s.orders["default"] for s in m.slots.values()} == {"activation"}
+    assert {d.order for d in weight_side.decisions().values()} == {"weight"}
+    assert {d.order for d in m.decisions().values()} == {"activation"}
 
-    w0 = {k: t.clone() for k, t in m._frozen.items()}
+    w0 = {k: t.clone() for k, t in m.table.frozen.items()}
     m.merge()
     assert_close(m(**batch).logits, act, what="merged")
     m.unmerge()
-    assert all(torch.equal(m._frozen[k], w0[k]) for k in w0), "unmerge must restore W bit-for-bit"
+    assert all(torch.equal(m.table.frozen[k], w0[k]) for k in w0), "unmerge must restore W bit-for-bit"
     assert torch.equal(m(**batch).logits, act)
 
 
 def _grad_pairs(m, pm):
     """(our param, PEFT param) per PEFT state-dict key."""
     theirs = {n.replace(".default", ""): p for n, p in pm.named_parameters() if p.requires_grad}
-    return [(_target_tensor(m, "default", k), theirs[k]) for k in m.adapter_state_dict()]
+    return [(live_tensor(m.table, "default", k), theirs[k]) for k in m.adapter_state_dict()]
 
 
 def _pattern(rank_pattern):

@@ -11,13 +11,18 @@ import importlib.metadata
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.testing import CompileCounter
 
 import adapt_compiler as ac
+from adapt_compiler.errors import CheckpointError
 from adapt_compiler.lowering import backend as be
 from adapt_compiler.passes import COUNTERS, METHODS
+from adapt_compiler.passes.match import describe_layer, layer_from_node, layer_operands
 from adapt_compiler.passes.method import AdapterError, GraphMethod
-from models import tiny_llama, token_batch
+from models import image_batch, tiny_convnet, tiny_llama, token_batch
 from oracle import assert_close, logits_of, peft_twin, randomize_
 
 TARGETS = ["q_proj", "v_proj"]
@@ -31,7 +36,8 @@ def _peft_lora(base, dropout=0.0):
 
 def _dynamo_graph(model, batch, rewrite):
     """The FX graph Dynamo hands a backend after `rewrite(gm, example_inputs)` (run inside the backend,
-    while Dynamo's placeholder metadata is still there), its example inputs, and rewrite's result."""
+    while Dynamo's placeholder metadata is still there), its example inputs, and rewrite's result.
+    `batch`: keyword inputs (a dict) or one positional tensor."""
     seen = {}
 
     def grab(gm, example_inputs):
@@ -39,8 +45,21 @@ def _dynamo_graph(model, batch, rewrite):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(model, backend=grab, fullgraph=True)(**batch)
+    compiled = torch.compile(model, backend=grab, fullgraph=True)
+    compiled(**batch) if isinstance(batch, dict) else compiled(batch)
     return seen["gm"], seen["inputs"], seen["result"]
+
+
+def _compile_error(model, batch, backend) -> Exception:
+    """The error `backend` raised at the first compile (Dynamo reports it as BackendCompilerFailed)."""
+    torch._dynamo.reset()
+    with pytest.raises(BackendCompilerFailed) as info:
+        torch.compile(model, backend=backend)(**batch)
+    return info.value.inner_exception
+
+
+def _structure(gm):
+    return [(n.name, n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes]
 
 
 def _targets(gm):
@@ -139,11 +158,160 @@ def test_backend_errors_are_clear(tmp_path):
         ac.backend(ac.LoRA(r=4), merge=True)
 
 
+# -- the LoRA pattern is the whole pattern -------------------------------------------------------
+class _LoraLike(nn.Module):
+    """base + LoRA-shaped branches, some of which are not PEFT's LoRA and must not be fused."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.base = nn.Linear(8, 8)
+        self.lora_A = nn.Linear(8, 2, bias=False)
+        self.lora_B = nn.Linear(2, 8, bias=form == "lora_B with bias")
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        base, delta = self.base(x), self.lora_B(self.lora_A(x))
+        if self.form == "scaling on the base output":
+            return base * 2.0 + delta
+        if self.form == "scaling is a tensor":
+            return base + delta * self.scale
+        if self.form == "LoRA of another input":
+            return base + self.lora_B(self.lora_A(x.flip(-1))) * 2.0
+        if self.form == "commuted":
+            return 2.0 * delta + base
+        return base + delta * 2.0  # "peft", "lora_B with bias"
+
+
+# form -> LoRA subgraphs fused
+FORMS = {
+    "peft": 1,
+    "commuted": 1,
+    "scaling on the base output": 0,
+    "scaling is a tensor": 0,
+    "LoRA of another input": 0,
+    "lora_B with bias": 0,
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_fuse_peft_lora_only_rewrites_the_whole_pattern(form):
+    model, x = _LoraLike(form).eval(), torch.randn(3, 5, 8)
+    seen = {}
+
+    def rewrite(gm, _):
+        seen["before"], seen["code"] = _structure(gm), gm.code
+        return be.fuse_peft_lora(gm)
+
+    gm, inputs, count = _dynamo_graph(model, x, rewrite)
+    assert count == FORMS[form]
+    fused = torch.ops.adapt_compiler.fused_lora_linear.default
+    if count:
+        assert _targets(gm).count(fused) == 1 and torch._C._nn.linear not in _targets(gm)
+    else:  # the graph is left exactly as Dynamo made it
+        assert _structure(gm) == seen["before"] and gm.code == seen["code"]
+    with torch.no_grad():
+        assert_close(gm(*inputs)[0], model(x))
+
+
+# -- checkpoints: the same checks and messages as ac.compile(model, dir) ---------------------------
+def _edit_checkpoint(path, edit) -> None:
+    f = path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+
+
+def _missing_key(path, base) -> str:
+    _peft_lora(base).save_pretrained(path)
+    dropped = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    _edit_checkpoint(path, lambda t: t.pop(dropped))
+    return f"missing keys (1): {dropped}"
+
+
+def _other_model(path, base) -> str:
+    _peft_lora(tiny_llama(layers=1, hidden=32, heads=2, kv_heads=1)).save_pretrained(path)
+    return "shape mismatches (4): base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight: checkpoint (4, 32)"
+
+
+@pytest.mark.parametrize("make, merge", [(_missing_key, False), (_missing_key, True), (_other_model, True)],
+                         ids=["missing-key-unmerged", "missing-key-merged", "other-model-merged"])
+def test_backend_rejects_checkpoints_that_do_not_fit_like_compile(tmp_path, make, merge):
+    base, batch = tiny_llama(layers=1), token_batch()
+    needle = make(tmp_path, base)
+    with pytest.raises(CheckpointError) as want:
+        ac.compile(base, tmp_path)
+    backend = ac.backend(tmp_path, merge=merge)  # keys and shapes are checked against the model's graph
+    err = _compile_error(base, batch, backend)
+    assert isinstance(err, CheckpointError), repr(err)
+    assert str(err) == str(want.value)
+    assert needle in str(err) and "Fix:" in str(err), str(err)
+
+
+def test_backend_rejects_nan_checkpoint_like_compile(tmp_path):
+    base = tiny_llama(layers=1)
+    _peft_lora(base).save_pretrained(tmp_path)
+    poisoned = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def poison(tensors):
+        tensors[poisoned][0, 0] = float("nan")
+
+    _edit_checkpoint(tmp_path, poison)
+    with pytest.raises(CheckpointError) as want:
+        ac.compile(base, tmp_path)
+    for merge in (False, True):  # refused by ac.backend() itself, before any compile
+        with pytest.raises(CheckpointError) as got:
+            ac.backend(tmp_path, merge=merge)
+        assert str(got.value) == str(want.value)
+        assert "NaN/Inf" in str(got.value) and poisoned in str(got.value)
+
+
+# -- Conv2d through ac.backend(merge=True) ---------------------------------------------------------
+CONVS = ["conv1", "conv2", "down", "proj"]  # `down` has stride 2: geometry comes from the op's arguments
+
+
+def test_backend_merges_conv2d_like_peft(tmp_path):
+    base, x = tiny_convnet(), image_batch()
+    pm = peft_twin(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=CONVS))
+    randomize_(pm, ("lora_",))
+    pm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        want = copy.deepcopy(pm).merge_and_unload()(x)
+        plain = base(x)
+    before = copy.deepcopy(base.state_dict())
+    modules = dict(base.named_modules())
+    backend = ac.backend(tmp_path, merge=True)
+    described = {}
+
+    def rewrite(gm, inputs):
+        # the graph's description of each conv (from the op) equals the module's own description
+        paths = {n: be._module_path(n) for n in gm.graph.nodes if n.op == "placeholder"}
+        values = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], inputs))
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is torch.conv2d:
+                _, w, b = layer_operands(node)
+                fqn = paths[w].removesuffix(".weight")
+                described[fqn] = (layer_from_node(fqn, node, values[w], b is not None), describe_layer(fqn, modules[fqn]))
+        return backend.apply_spec(gm, inputs)
+
+    gm, inputs, count = _dynamo_graph(base, x, rewrite)
+    assert count == 6  # conv1 and conv2 of two blocks, down, proj
+    assert len(described) == 8 and all(ours == theirs for ours, theirs in described.values()), described
+    assert described["down"][0].stride == (2, 2) and described["down"][0].padding == (1, 1)
+    with torch.no_grad():
+        out = gm(*inputs)[0]
+    assert_close(out, want)
+    assert not torch.allclose(out, plain), "the adapter must show in the output"
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "the model must stay untouched"
+
+
 # -- torch.compile(AdaptedModule, fullgraph=True) for every method ---------------------------------
-# fields some specs require beyond `targets` (tried after the generic r=4 / defaults); a new method
-# whose spec builds from targets alone needs no entry here
-REQUIRED = {
+# the tiny spec of each registered method (targets are added for weight methods); a method not
+# listed gets r=4. A new method whose spec cannot be built so fails below: give it an entry here.
+TINY = {
     "adalora": {"total_step": 10},
+    "boft": {},
     "oft": {"r": 0, "oft_block_size": 16},
     "llama_adapter": {"adapter_len": 4, "adapter_layers": 1},
     "xlora": {"experts": {"e1": ac.LoRA(r=2, targets=["q_proj"]), "e2": ac.LoRA(r=2, targets=["q_proj"])}},
@@ -151,31 +319,26 @@ REQUIRED = {
 
 
 def _tiny_spec(name, method):
-    """A small spec of any registered method, or None (with why) if it cannot be built generically."""
-    graph = isinstance(method, GraphMethod)
-    if not graph and "linear" not in getattr(method, "kinds", frozenset({"linear"})):
-        return None, f"{name}: does not adapt Linear layers"
-    why = "spec cannot be built from targets alone"
-    for kw in ({"r": 4}, {}, REQUIRED.get(name)):
-        if kw is None:
-            continue
-        try:
-            return method.spec_type(**kw) if graph else method.spec_type(targets=TARGETS, **kw), None
-        except (TypeError, AdapterError) as err:
-            why = str(err)
-    return None, f"{name}: {why}"
+    kw = TINY.get(name, {"r": 4})
+    try:
+        return method.spec_type(**kw) if isinstance(method, GraphMethod) else method.spec_type(targets=TARGETS, **kw)
+    except (TypeError, AdapterError) as err:
+        pytest.fail(f"{name}: its tiny spec {kw} cannot be built ({type(err).__name__}: {err}); fix its TINY entry.")
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_adapted_module_compiles_fullgraph_without_breaks(name):
-    spec, why = _tiny_spec(name, METHODS[name])
-    if spec is None:
-        pytest.skip(why)
+    method = METHODS[name]
+    spec = _tiny_spec(name, method)
     base, batch = tiny_llama(layers=1), token_batch()
+    if not isinstance(method, GraphMethod) and "linear" not in method.kinds:
+        with pytest.raises(AdapterError, match="does not support linear"):  # the targets are Linear layers
+            ac.compile(base, spec, lowering="eager")
+        return
     try:
         m = ac.compile(base, spec, lowering="eager", example_inputs=batch)
     except AdapterError as err:
-        pytest.skip(f"{name}: tiny spec does not fit the tiny model ({err})")
+        pytest.fail(f"{name}: the tiny spec {spec!r} does not fit the tiny Llama: {err}")
     with torch.no_grad():  # non-trivial adapter values, so the adapter shows in the output
         for p in m.adapter_parameters():
             p.add_(0.05 * torch.randn_like(p))

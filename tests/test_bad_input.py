@@ -5,14 +5,13 @@ Each case is a row of a table (id, what is done, expected exception, expected me
 After every error the user's model and the AdaptedModule are compared bit for bit with a snapshot
 taken before (tensors, requires_grad flags, training flags, gradients, active adapters, merge state).
 
-Per-method rows (rank fields, shape constraints, layer kinds) are parametrized over the registered
-methods and skipped for methods that are not registered, so they activate as methods land. A method
-that is registered without a row in RANK_FIELDS fails `test_every_method_has_rank_cases`.
+Per-method rows (rank fields, shape constraints, layer kinds) name their method; a row whose method is
+not registered fails (nothing is skipped). A method that is registered without a row in RANK_FIELDS
+fails `test_every_method_has_rank_cases`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ import adapt_compiler as ac
 from adapt_compiler.checkpoint import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, CheckpointError
 from adapt_compiler.passes import METHODS
 from adapt_compiler.passes.method import AdapterError, AdapterShapeError, GraphMethod
-
-HAS_EXPORT = importlib.util.find_spec("adapt_compiler.export") is not None
 
 
 # -- models ------------------------------------------------------------------------------------------
@@ -455,11 +452,14 @@ RANK_CASES = [(m, f, v) for m, fs in RANK_FIELDS.items() for f, vs in fs.items()
 def test_every_method_has_rank_cases():
     missing = [n for n in METHODS if n not in RANK_FIELDS]
     assert not missing, f"add the rank/size fields of {missing} to RANK_FIELDS in tests/test_bad_input.py"
+    unknown = [n for n in RANK_FIELDS if n not in METHODS]
+    assert not unknown, f"RANK_FIELDS names methods that are not registered: {unknown}"
 
 
 def _spec(method: str, **kw):
     from dataclasses import fields
 
+    assert method in METHODS, f"{method} is not registered; registered: {sorted(METHODS)}"
     spec_type = METHODS[method].spec_type
     names = {f.name for f in fields(spec_type)}
     unknown = sorted(set(kw) - names)
@@ -470,8 +470,6 @@ def _spec(method: str, **kw):
 
 @pytest.mark.parametrize("method,fname,value", RANK_CASES, ids=[f"{m}-{f}={v}" for m, f, v in RANK_CASES])
 def test_rank_field_rejected(env, method, fname, value):
-    if method not in METHODS:
-        pytest.skip(f"{method} is not registered yet")
     run_case(env, lambda e: _spec(method, **{fname: value}), AdapterError, [f"{fname}={value!r}"])
 
 
@@ -496,8 +494,6 @@ SHAPE_CASES = [
 @pytest.mark.parametrize("case", SHAPE_CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(SHAPE_CASES)])
 def test_shape_constraint_rejected(env, case):
     method, kw, target, substrings = case
-    if method not in METHODS:
-        pytest.skip(f"{method} is not registered yet")
     model = Kinds()
     before = snapshot(model)
     with pytest.raises(AdapterShapeError) as info:
@@ -510,9 +506,9 @@ def test_shape_constraint_rejected(env, case):
 def _kind_cases():
     """(method, layer kind it does not adapt, target): only the combinations that must be rejected."""
     out = []
-    for name in sorted(RANK_FIELDS):
-        method = METHODS.get(name)
-        if method is None or isinstance(method, GraphMethod):  # graph methods do not target layers by kind
+    for name in sorted(METHODS):
+        method = METHODS[name]
+        if isinstance(method, GraphMethod):  # graph methods do not target layers by kind
             continue
         for kind, target in (("embedding", "emb"), ("conv2d", "conv1")):
             if kind not in method.kinds:
@@ -545,9 +541,8 @@ MERGE_CASES = [
     ("merge", lambda e: e.m.merge(), ["conv", "groups > 1"]),
     ("merged_module", lambda e: e.m.merged_module(), ["conv", "groups > 1"]),
     ("compile-merge", lambda e: ac.compile(e.model, ac.LoRA(r=2, targets=["conv"]), merge=True), ["groups > 1"]),
+    ("export-merge", lambda e: ac.export(e.m, (e.x,), merge=True), ["conv", "groups > 1"]),
 ]
-if HAS_EXPORT:
-    MERGE_CASES.append(("export-merge", lambda e: ac.export(e.m, (e.x,), merge=True), ["conv", "groups > 1"]))
 
 
 @pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
@@ -573,8 +568,7 @@ NON_MERGEABLE = {
 
 @pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if m.merge_kind == "none"))
 def test_non_mergeable_method_refuses_merge(tmp_path, method):
-    if method not in NON_MERGEABLE:
-        pytest.skip(f"{method}: no model for it in NON_MERGEABLE (tests/test_bad_input.py)")
+    assert method in NON_MERGEABLE, f"{method} has no weight form: add a model for it to NON_MERGEABLE"
     import models
 
     kw, factory = NON_MERGEABLE[method]
@@ -585,15 +579,13 @@ def test_non_mergeable_method_refuses_merge(tmp_path, method):
     for fn in (m.merge, m.merged_module):
         with pytest.raises(AdapterError, match="cannot be merged"):
             fn()
-    if HAS_EXPORT:
-        with pytest.raises(AdapterError, match="merged"):
-            ac.export(m, models.token_batch(), merge=True)
+    with pytest.raises(AdapterError, match="merged"):
+        ac.export(m, models.token_batch(), merge=True)
     assert_same(before, snapshot(model), "user model")
     assert_same(m_before, snapshot(m), "AdaptedModule")
     del e
 
 
-@pytest.mark.skipif(not HAS_EXPORT, reason="adapt_compiler.export is not there yet")
 def test_export_and_package_reject_bad_input(env):
     run_case(env, lambda e: ac.export(e.m, ("not a tensor",)), AdapterError, ["no tensor"])
     ep = ac.export(env.m, (env.x,), merge=True)
@@ -663,12 +655,9 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CLI_CASES)])
 def test_cli_commands_reject_bad_input(case, tmp_path, capsys):
-    from adapt_compiler import commands
     from adapt_compiler.cli import main
 
     command, argv, needles = case
-    if importlib.util.find_spec(f"{commands.__name__}.{command}") is None:
-        pytest.skip(f"no `adapt-compiler {command}` command yet")
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert f"adapt-compiler {command}: error:" in err and "Traceback" not in err

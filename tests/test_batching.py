@@ -11,7 +11,7 @@ import torch
 import adapt_compiler as ac
 from adapt_compiler.lowering import batching
 from adapt_compiler.passes import COUNTERS
-from adapt_compiler.passes.oft import GAUSS_JORDAN_MAX, cayley
+from adapt_compiler.passes._rotation import GAUSS_JORDAN_MAX, cayley
 from models import tiny_llama, token_batch
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

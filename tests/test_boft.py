@@ -123,7 +123,7 @@ def test_both_orders_agree_on_model():
     for order in ("activation", "weight"):
         m = ours_from_peft(base, pm, ac.BOFT(targets=ATTN, order=order, **OPTIONS["n2"]))
         outs.append(m(**token_batch()).logits)
-        assert set(m.slots["model__layers__1__self_attn__o_proj"].orders.values()) == {order}
+        assert {d.order for (f, _), d in m.decisions().items() if f == "model.layers.1.self_attn.o_proj"} == {order}
     assert_close(outs[0], outs[1])
 
 
@@ -132,14 +132,14 @@ def test_merge_exact_and_unmerge_bit_exact():
     kw = dict(boft_block_size=4, boft_n_butterfly_factor=2)
     pm, m = _pair(base, peft.BOFTConfig(target_modules=CONVS, **kw), ac.BOFT(targets=CONVS, **kw))
     x = image_batch()
-    before = {k: v.clone() for k, v in m._frozen.items()}
+    before = {k: v.clone() for k, v in m.table.frozen.items()}
     ref = m(x)
     m.merge()
     assert_close(m(x), ref)
     pm.merge_adapter()
     assert_close(m(x), pm(x))
     m.unmerge()
-    assert all(torch.equal(before[k], m._frozen[k]) for k in before)
+    assert all(torch.equal(before[k], m.table.frozen[k]) for k in before)
 
 
 def test_checkpoint_round_trips(tmp_path):

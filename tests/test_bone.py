@@ -42,9 +42,9 @@ def test_llama_gqa_matches_peft(mode):
     theirs.loss.backward()
     compare_grads(m, pm)
     if mode == "bat":  # nonlinear in W: only the weight side exists
-        assert {s.orders["default"] for s in m.slots.values()} == {"weight"}
+        assert {d.order for d in m.decisions().values()} == {"weight"}
     else:  # low-rank on the activation side: chunk-sum then (…, r) @ (r, d_out)
-        assert {s.orders["default"] for s in m.slots.values()} == {"activation"}
+        assert {d.order for d in m.decisions().values()} == {"activation"}
 
 
 def test_identity_at_init_orders_agree_and_merge_unmerge():
@@ -61,15 +61,15 @@ def test_identity_at_init_orders_agree_and_merge_unmerge():
         if mode == "balance_pad":  # both orders exist: the forced weight side (W + ΔW) agrees
             w = ours_from_peft(base, pm, ac.Bone(r=24, targets=ATTN, order="weight"))
             assert_close(w(**batch).logits, out, what="weight order vs activation order")
-            assert {s.orders["default"] for s in w.slots.values()} == {"weight"}
-        w0 = {k: t.clone() for k, t in m._frozen.items()}
+            assert {d.order for d in w.decisions().values()} == {"weight"}
+        w0 = {k: t.clone() for k, t in m.table.frozen.items()}
         m.merge()
         assert_close(m(**batch).logits, out, what=f"{mode} merged")
         pm.merge_adapter()
-        assert_close(m._frozen["model.layers.0.self_attn.k_proj.weight"],
+        assert_close(m.table.frozen["model.layers.0.self_attn.k_proj.weight"],
                      pm.base_model.model.model.layers[0].self_attn.k_proj.base_layer.weight, what="merged W")
         m.unmerge()
-        assert all(torch.equal(m._frozen[k], w0[k]) for k in w0), "unmerge must restore W bit-for-bit"
+        assert all(torch.equal(m.table.frozen[k], w0[k]) for k in w0), "unmerge must restore W bit-for-bit"
         assert torch.equal(m(**batch).logits, out)
 
 

@@ -35,16 +35,14 @@ def test_causal_lm_named_adapters_and_mixed_batch():
     example = _load("causal_lm_named_adapters")
     out = example.main(steps=2, quiet=True, lowering="eager")
     assert {"acc_plus1_on_plus1", "acc_plus2_on_plus2", "loss_plus1", "loss_plus2"} <= set(out)
-    if not example.mixed_batch_available():
-        pytest.xfail("mixed-adapter batches (adapt_compiler/lowering/mixed.py) have not landed yet")
+    assert example.mixed_batch_available(), "mixed-adapter batches (adapt_compiler/lowering/mixed.py) are missing"
     assert out["mixed_max_abs_diff"] is not None and out["mixed_max_abs_diff"] < 1e-4
 
 
 def test_conv_lokr_loha():
     example = _load("conv_lokr_loha")
     missing = example.methods_available()
-    if missing:
-        pytest.skip(f"methods {missing} are not registered yet (passes/lokr.py, passes/loha.py)")
+    assert not missing, f"methods {missing} are not registered (passes/lokr.py, passes/loha.py)"
     out = example.main(steps=3, quiet=True, lowering="eager")
     assert out["lokr"]["mse_before"] == pytest.approx(out["loha"]["mse_before"])  # both start at the base
     for name in ("lokr", "loha"):
@@ -54,8 +52,7 @@ def test_conv_lokr_loha():
 
 def test_peft_adapter_merge_deploy_export_only():
     example = _load("peft_adapter_merge_deploy")
-    if not example.export_available():
-        pytest.skip("ac.export (adapt_compiler/export.py) has not landed yet")
+    assert example.export_available(), "ac.export (adapt_compiler/export.py) is missing"
     # the AOTInductor package step compiles C++ for minutes; the smoke test stops after torch.export
     out = example.main(steps=1, quiet=True, lowering="eager", package=False)
     assert out["vs_peft"] < 1e-4 and out["merged_module"] < 1e-4 and out["exported"] < 1e-4

@@ -120,8 +120,7 @@ def test_merge_true_graph_has_no_adapter_nodes():
     m = ac.compile(tiny_llama(), ac.LoRA(r=4, targets=ATTN, init=False), merge=True, lowering="eager")
     batch = token_batch()
     m(**batch)
-    entry = next(iter(m._graphs.values()))[0]
-    gm = entry.variants["merged"]
+    gm = m.latest_graph("merged")
     assert not [n for n in gm.graph.nodes if "adapter" in n.meta]
     assert not [n for n in gm.graph.nodes if n.op == "call_module" and "ac_slots" in str(n.target)]
 
@@ -131,15 +130,14 @@ def test_train_and_eval_keep_their_own_evaluation_orders():
     keeps the activation side; an eval pass in between must not switch the training graph's order."""
     m = ac.compile(tiny_llama(layers=1, hidden=256), ac.LoRA(r=8, targets=["q_proj"]), lowering="eager")
     batch = token_batch(batch=2, seq=512, labels=True)
-    slot = next(iter(m.slots.values()))
     m.train()
     m(**batch)
     m.eval()
     with torch.no_grad():
         m(**batch)
-    assert slot.orders == {"default": "weight"}
+    assert {d.order for d in m.decisions().values()} == {"weight"}
     m.train()
-    assert slot.orders == {"default": "activation"}
+    assert {d.order for d in m.decisions().values()} == {"activation"}
     assert {r.order for r in m.report().rows} == {"activation"}
 
 

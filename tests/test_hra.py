@@ -67,7 +67,7 @@ def test_both_orders_agree_on_model():
     for order in ("activation", "weight"):
         m = ours_from_peft(base, pm, ac.HRA(r=4, targets=ATTN, order=order))
         outs.append(m(**token_batch()).logits)
-        assert set(m.slots["model__layers__0__self_attn__k_proj"].orders.values()) == {order}
+        assert {d.order for (f, _), d in m.decisions().items() if f == "model.layers.0.self_attn.k_proj"} == {order}
     assert_close(outs[0], outs[1])
 
 
@@ -75,14 +75,14 @@ def test_merge_exact_and_unmerge_bit_exact():
     base = tiny_llama()
     pm, m = _pair(base, peft.HRAConfig(r=4, target_modules=ATTN), ac.HRA(r=4, targets=ATTN))
     batch = token_batch()
-    before = {k: v.clone() for k, v in m._frozen.items()}
+    before = {k: v.clone() for k, v in m.table.frozen.items()}
     ref = m(**batch).logits
     m.merge()
     assert_close(m(**batch).logits, ref)
     pm.merge_adapter()
     assert_close(m(**batch).logits, pm(**batch).logits)
     m.unmerge()
-    assert all(torch.equal(before[k], m._frozen[k]) for k in before)
+    assert all(torch.equal(before[k], m.table.frozen[k]) for k in before)
 
 
 def test_checkpoint_round_trips(tmp_path):

@@ -37,7 +37,7 @@ def _check(base, peft_cfg, spec, batch, orders=("activation", "weight"), loss_of
         loss_of(ours).backward()
         loss_of(theirs).backward()
         compare_grads(m, pm)
-        assert {s.orders["default"] for s in m.slots.values()} == {order}
+        assert {d.order for d in m.decisions().values()} == {order}
     return m, pm
 
 
@@ -202,14 +202,14 @@ def test_merge_unmerge_bit_exact():
     randomize_(pm, KEYS)
     m = ours_from_peft(base, pm, ac.LoKr(r=2, alpha=8, targets=ATTN))
     batch = token_batch()
-    before = {k: v.clone() for k, v in m._frozen.items()}
+    before = {k: v.clone() for k, v in m.table.frozen.items()}
     out = m(**batch).logits
     m.merge()
     assert_close(m(**batch).logits, out, what="merged")
     assert_close(m.merged_module()(**batch).logits, out, what="merged_module")
     assert_close(pm.merge_and_unload()(**batch).logits, out, what="PEFT merged")
     m.unmerge()
-    assert all(torch.equal(before[k], v) for k, v in m._frozen.items())
+    assert all(torch.equal(before[k], v) for k, v in m.table.frozen.items())
     assert torch.equal(m(**batch).logits, out)
 
 

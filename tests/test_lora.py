@@ -128,7 +128,7 @@ def test_cost_model_counts_the_activation_sides_extra_traffic():
     and the expand GEMM's output buffer are counted (measured 1.033× vs 1.05× the base); decoding
     (few tokens) and training keep the activation side. Rotations of the input (OFT) do not add an
     output buffer, so their choice is unaffected."""
-    from adapt_compiler.lowering import choose_order
+    from adapt_compiler.lowering.plan import choose_order
     from adapt_compiler.passes import METHODS, Layer
 
     layer = Layer("q_proj", "linear", (512, 512), False, torch.float32)

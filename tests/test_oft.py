@@ -128,7 +128,7 @@ def test_both_orders_agree():
         m = ours_from_peft(base, pm, ac.OFT(targets=ATTN, order=order, **OPTIONS[option]))
         out = m(**token_batch()).logits
         square_loss(out).backward()
-        assert set(m.slots["model__layers__0__self_attn__q_proj"].orders.values()) == {order}
+        assert {d.order for (f, _), d in m.decisions().items() if f == "model.layers.0.self_attn.q_proj"} == {order}
         outs.append(out)
         grads.append([p.grad.clone() for p in m.adapter_parameters()])
     assert_close(outs[0], outs[1])
@@ -151,14 +151,14 @@ def test_merge_exact_and_unmerge_bit_exact():
     base = tiny_llama()
     pm, m = _pair(base, peft.OFTConfig(target_modules=ATTN, oft_block_size=16), ac.OFT(targets=ATTN, oft_block_size=16))
     batch = token_batch()
-    before = {k: v.clone() for k, v in m._frozen.items()}
+    before = {k: v.clone() for k, v in m.table.frozen.items()}
     ref = m(**batch).logits
     m.merge()
     assert_close(m(**batch).logits, ref)
     pm.merge_adapter()
     assert_close(m(**batch).logits, pm(**batch).logits)
     m.unmerge()
-    assert all(torch.equal(before[k], m._frozen[k]) for k in before)
+    assert all(torch.equal(before[k], m.table.frozen[k]) for k in before)
     assert_close(m(**batch).logits, ref)
 
 
@@ -230,6 +230,6 @@ def test_cost_model_prefers_weight_side_for_many_tokens():
     m = ac.compile(tiny_llama(), ac.OFT(targets=["q_proj"], oft_block_size=16), lowering="eager")
     m(**token_batch())
     slot = m.slots["model__layers__0__self_attn__q_proj"]
-    assert slot.orders["default"] == "activation"  # T = 14 tokens < d_out = 64
+    assert m.decisions()[(slot.layer.fqn, "default")].order == "activation"  # T = 14 tokens < d_out = 64
     flops = OFTMethod().cost(m.state.specs["default"], slot.layer, cost.TOKENS)
     assert cost.choose(flops, 4096).order == "weight"

@@ -91,7 +91,7 @@ def test_one_graph_batched_experts_frozen(expert_dirs):
     assert len(m.adapter_parameters()) == 2
     batch = token_batch()
     m(**batch)
-    gm = next(iter(m._graphs.values()))[0].variants["adapted"]
+    gm = m.latest_graph()
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert calls.count("ac_graph_default.internal_xlora_classifier") == 1  # both passes in this one graph
     assert sum("experts." in c for c in calls) == 8  # scaling_pass_value=0: the scaling pass is plain

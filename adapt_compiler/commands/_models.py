@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..passes.method import AdapterError
+from ..errors import AdapterError
 
 MODEL_HELP = (
     "a builtin tiny model (llama, mistral, gpt2, bert, vit, convnet), a HF config (config.json or a "

@@ -70,7 +70,7 @@ class _Steps:
 
 
 def _error(msg: str):
-    from ..export import ExportError
+    from ..errors import ExportError
 
     return ExportError(msg)
 

@@ -19,7 +19,7 @@ import inspect as pyinspect
 import torch
 from torch import nn
 
-from ..passes.method import AdapterError
+from ..errors import AdapterError
 from ._models import MODEL_HELP, load_model
 
 

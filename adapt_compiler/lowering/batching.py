@@ -15,13 +15,14 @@ this pass only groups the slot nodes of each adapter and wires one `GroupPrep` n
 from __future__ import annotations
 
 import collections
+import dataclasses
 import operator
 
 from torch import fx, nn
 
-from ..passes import COUNTERS
-
-PREFIX = "ac_prep"
+from ..counters import COUNTERS
+from ..names import PREP_PREFIX
+from .plan import PLAN, slot_nodes
 
 
 class GroupPrep(nn.Module):
@@ -37,30 +38,24 @@ class GroupPrep(nn.Module):
         self.__dict__["slots"] = slots
 
     def forward(self):
-        if self.adapter not in self.state.active or self.state.mixed is not None:
+        if self.adapter not in self.state.active:
             return (None,) * len(self.slots)
         spec = self.state.specs[self.adapter]
         params = [slot.params(self.adapter) for slot in self.slots]
         return tuple(self.method.prepare_group(spec, params, self.graph_training))
 
 
-def batch_parameter_transforms(module, gm: fx.GraphModule, root: nn.Module) -> int:
+def batch_parameter_transforms(gm: fx.GraphModule, specs: dict, state, training: bool) -> int:
     """Group each adapter's activation-order slots by the method's `group_key`; wire one GroupPrep
-    per group of two or more. Returns the number of layers served by a group."""
-    from ..slots import AdapterSlot
-
+    per group of two or more. Reads the orders the plan wrote on the nodes. Returns the number of
+    layers served by a group."""
     groups = collections.defaultdict(list)  # (adapter, method, key, dtypes/devices) -> [(node, slot)]
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not str(node.target).startswith("ac_slots."):
-            continue
-        slot = gm.get_submodule(node.target)
-        if not isinstance(slot, AdapterSlot):
-            continue
+    for node, slot in slot_nodes(gm):
         for name, method in slot.methods.items():
-            if slot.orders_by_mode[module.training].get(name) != "activation":
+            if node.kwargs["orders"].get(name) != "activation":
                 continue
             params = slot.params(name)
-            key = method.group_key(module.state.specs[name], slot.layer, params, module.training)
+            key = method.group_key(specs[name], slot.layer, params, training)
             if key is not None:  # prepare_group concatenates the params: same dtypes and devices too
                 placement = tuple((t.dtype, t.device) for t in params.values())
                 groups[(name, method.name, key, placement)].append((node, slot))
@@ -68,19 +63,18 @@ def batch_parameter_transforms(module, gm: fx.GraphModule, root: nn.Module) -> i
     for i, ((name, *_), members) in enumerate(g for g in groups.items() if len(g[1]) > 1):
         nodes, slots = zip(*members)
         method = slots[0].methods[name]
-        target = f"{PREFIX}_{i}"
-        setattr(root, target, GroupPrep(method, name, list(slots), module.state, module.training))
-        gm.add_submodule(target, getattr(root, target))
+        target = f"{PREP_PREFIX}_{i}"
+        gm.add_submodule(target, GroupPrep(method, name, list(slots), state, training))
         with gm.graph.inserting_before(nodes[0]):
             prep = gm.graph.call_module(target, ())
         prep.meta["adapter_group"] = (name, method.name, tuple(s.layer.fqn for s in slots))
-        for slot in slots:
-            slot.costs.setdefault(name, {})["batched_with"] = len(slots)  # report()
         for j, node in enumerate(nodes):
             with gm.graph.inserting_before(node):
                 share = gm.graph.call_function(operator.getitem, (prep, j))
-            prepared = {**node.kwargs.get("prepared", {}), name: share}
+            prepared = {**(node.kwargs.get("prepared") or {}), name: share}
             node.kwargs = {**node.kwargs, "prepared": prepared}
+            plan = node.meta[PLAN]
+            node.meta[PLAN] = {**plan, name: dataclasses.replace(plan[name], batched_with=len(slots))}  # report()
         served += len(nodes)
     COUNTERS["layers_batched_prep"] += served
     return served

@@ -93,6 +93,7 @@ def _scale(spec: AdaLoRA, p) -> torch.Tensor:
 class AdaLoRAMethod(WeightMethod):
     name = "adalora"
     peft_type = "ADALORA"
+    prefix = "lora_"
     spec_type = AdaLoRA
     kinds = frozenset({"linear", "conv2d"})
     buffer_names = frozenset({"ranknum"})
@@ -219,19 +220,19 @@ class AdaLoRAMethod(WeightMethod):
             count += len(factors)
         return spec.orth_reg_weight * (total / count)
 
-    def update_and_allocate(self, module, name: str, step: int) -> None:
+    def update_and_allocate(self, table, name: str, step: int) -> None:
         """PEFT's AdaLoraModel.update_and_allocate: importance EMAs, budget, mask (after backward)."""
-        spec = module.state.specs[name]
-        alloc = _allocator(module, name, spec)
+        spec = table.specs[name]
+        alloc = _allocator(table, name, spec)
         end = spec.total_step - spec.tfinal
         if step < end:
             alloc.update_importance()
             budget, mask_now = alloc.budget(step)
             if mask_now:
-                module.state.specs[name] = spec.replace(rank_pattern=alloc.mask_to_budget(budget))
+                table.specs[name] = spec.replace(rank_pattern=alloc.mask_to_budget(budget))
         elif step == end:  # the final allocation, then the EMAs restart (PEFT: reset_ipt)
             budget, _ = alloc.budget(step)
-            module.state.specs[name] = spec.replace(rank_pattern=alloc.mask_to_budget(budget))
+            table.specs[name] = spec.replace(rank_pattern=alloc.mask_to_budget(budget))
             alloc.reset()
         else:  # final fine-tuning: keep re-applying the frozen mask
             if not spec.rank_pattern:
@@ -317,19 +318,18 @@ class _RankAllocator:
                 params["lora_E"].masked_fill_(~keep, 0.0)
 
 
-def _allocator(module, name: str, spec: AdaLoRA) -> _RankAllocator:
-    """The adapter's allocator, kept in `module._adalora_allocators[name]`; rebuilt if its tensors changed."""
-    store = module.__dict__.setdefault("_adalora_allocators", {})
+def _allocator(table, name: str, spec: AdaLoRA) -> _RankAllocator:
+    """The adapter's allocator, kept in `table.method_state[name]`; rebuilt if its tensors changed."""
     layers = {}
-    for slot in module.slots_of(name):
+    for slot in table.slots_of(name):
         p = dict(slot.adapters[name].named_parameters(recurse=False))
         layers[slot.layer.fqn] = {k: p[k] for k in ("lora_A", "lora_E", "lora_B")}
-    alloc = store.get(name)
+    alloc = table.method_state.get(name)
     same = alloc is not None and alloc.layers.keys() == layers.keys() and all(
         alloc.layers[f][k] is layers[f][k] for f in layers for k in layers[f]
     )
     if not same:
-        alloc = store[name] = _RankAllocator(spec, layers)
+        alloc = table.method_state[name] = _RankAllocator(spec, layers)
     alloc.spec = spec  # hyper-parameters (the spec object is replaced when rank_pattern changes)
     return alloc
 

@@ -26,7 +26,7 @@ import torch
 
 from ..spec import AdapterSpec, check_probability
 from .method import PREPARED, AdapterError, AdapterShapeError, Layer, WeightMethod
-from .oft import block_rotate, cayley, check_orthogonal_layer, divisors, evaluate_rotated, merged_rows, rotated_dim, show_sizes
+from ._rotation import block_rotate, cayley, check_orthogonal_layer, divisors, evaluate_rotated, merged_rows, rotated_dim, show_sizes
 from .registry import register
 
 
@@ -123,6 +123,7 @@ def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> torch.Tensor
 class BOFTMethod(WeightMethod):
     name = "boft"
     peft_type = "BOFT"
+    prefix = "boft_"
     spec_type = BOFT
     kinds = frozenset({"linear", "conv2d"})
     merge_kind = "multiplicative"

@@ -61,6 +61,7 @@ class Bone(AdapterSpec):
 class BoneMethod(WeightMethod):
     name = "bone"
     peft_type = "MISS"
+    prefix = "miss_"
     spec_type = Bone
     kinds = frozenset({"linear"})
 

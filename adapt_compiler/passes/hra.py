@@ -28,7 +28,7 @@ import torch
 
 from ..spec import AdapterSpec, check_positive
 from .method import PREPARED, AdapterError, Layer, WeightMethod
-from .oft import check_orthogonal_layer, evaluate_rotated, merged_rows, rotated_dim
+from ._rotation import check_orthogonal_layer, evaluate_rotated, merged_rows, rotated_dim
 from .registry import register
 
 
@@ -83,6 +83,7 @@ def wy_factors(u: torch.Tensor) -> torch.Tensor:
 class HRAMethod(WeightMethod):
     name = "hra"
     peft_type = "HRA"
+    prefix = "hra_"
     spec_type = HRA
     kinds = frozenset({"linear", "conv2d"})
     merge_kind = "multiplicative"

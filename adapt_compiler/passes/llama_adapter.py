@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..counters import COUNTERS
+from ..names import SLOTS, graph_target
 from ..spec import AdapterSpec, check_positive
 from .match import node_module_fqn, sdpa_nodes
 from .method import AdapterError, GraphMethod
@@ -180,7 +182,7 @@ def _linear_wb(node: fx.Node):
     """(weight, bias) argument nodes if `node` computes a Linear (plain or behind an adapter slot), else None."""
     if node.op == "call_function" and node.target is aten.linear.default:
         return node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if node.op == "call_module" and node.target.startswith("ac_slots.") and len(node.args) == 3:
+    if node.op == "call_module" and node.target.startswith(f"{SLOTS}.") and len(node.args) == 3:
         return node.args[1], node.args[2]
     return None
 
@@ -235,32 +237,30 @@ def _in_scope(node: fx.Node, fqn: str) -> bool:
 class LlamaAdapterMethod(GraphMethod):
     name = "llama_adapter"
     peft_type = "ADAPTION_PROMPT"
+    prefix = "adaption_"
     spec_type = LlamaAdapter
 
-    def setup(self, module, name: str, spec: LlamaAdapter) -> None:
-        blocks = find_attention_blocks(module._model, spec)
-        modules = dict(module._model.named_modules())
+    def setup(self, table, name: str, spec: LlamaAdapter, sub_adapters: dict):
+        blocks = find_attention_blocks(table.model, spec)
+        modules = dict(table.model.named_modules())
         holder = nn.ModuleDict()
         for fqn, hidden in blocks:
             w = _linear_children(modules[fqn])[0].weight
             # PEFT: the q_proj dtype, fp32 if quantised
             dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-            holder[_key(fqn)] = PromptBlock(name, module.state, hidden, spec.adapter_len, dtype, w.device)
+            holder[_key(fqn)] = PromptBlock(name, table.state, hidden, spec.adapter_len, dtype, w.device)
         holder.__dict__["block_fqns"] = [fqn for fqn, _ in blocks]
-        module.graph_adapters[name] = holder
+        return holder, spec
 
-        def refresh(mod, args):
-            # outside any compiled graph: keep the folded K_P/V_P in step with the prompt and weights
-            if mod.training or torch.is_grad_enabled():
-                return
-            if name in mod.graph_adapters and isinstance(mod.state.specs.get(name), LlamaAdapter):
-                for block in mod.graph_adapters[name].values():
-                    block.refresh_fold()
+    def before_call(self, table, name: str, training: bool) -> None:
+        # outside any compiled graph: keep the folded K_P/V_P in step with the prompt and weights
+        if training or torch.is_grad_enabled():
+            return
+        for block in table.graph_adapters[name].values():
+            block.refresh_fold()
 
-        module.register_forward_pre_hook(refresh)
-
-    def rewrite(self, gm: fx.GraphModule, module, name: str, captured) -> None:
-        holder = module.graph_adapters[name]
+    def rewrite(self, gm: fx.GraphModule, table, name: str, captured) -> None:
+        holder = table.graph_adapters[name]
         sdpas = sdpa_nodes(gm)
         for fqn in holder.block_fqns:
             block = holder[_key(fqn)]
@@ -272,11 +272,11 @@ class LlamaAdapterMethod(GraphMethod):
                     f"attention is not matched)."
                 )
             for sdpa in mine:
-                self._splice(gm, module, name, fqn, block, sdpa)
+                self._splice(gm, table, name, fqn, block, sdpa)
             if not captured.training:
                 block.refresh_fold()  # compile-time fold for the inference graph
 
-    def _splice(self, gm, module, name, fqn, block, sdpa) -> None:
+    def _splice(self, gm, table, name, fqn, block, sdpa) -> None:
         q, k, v = sdpa.args[:3]
         q_val = q.meta.get("val")
         if q_val is None or q_val.dim() != 4:
@@ -289,7 +289,7 @@ class LlamaAdapterMethod(GraphMethod):
                                f"not supported.")
         (k_w, k_b), (v_w, v_b), (o_w, o_b) = _linear_wb(k_lin), _linear_wb(v_lin), _linear_wb(o_lin)
         hidden = block.adaption_prompt.shape[-1]
-        k_weight = module._frozen.get(k_w.target) if k_w.op == "get_attr" else None
+        k_weight = table.frozen.get(k_w.target) if k_w.op == "get_attr" else None
         heads, hd = q_val.shape[1], q_val.shape[-1]
         fits = k_weight is not None and k_weight.shape[1] == hidden and k_weight.shape[0] % hd == 0
         if not fits or heads % (k_weight.shape[0] // hd):
@@ -297,30 +297,25 @@ class LlamaAdapterMethod(GraphMethod):
                 f"LlamaAdapter: {fqn}: the key projection feeding SDPA ({node_module_fqn(k_lin)}) does not map "
                 f"the hidden size {hidden} to a whole number of {hd}-wide kv heads dividing {heads} query heads."
             )
-        frozen = module._frozen
+        frozen = table.frozen
         block.__dict__["_kv_src"] = tuple(frozen[n.target] if n is not None else None
                                           for n in (k_w, k_b, v_w, v_b))
         with gm.graph.inserting_after(o_lin):
-            new = gm.graph.call_module(f"ac_graph_{name}.{_key(fqn)}", (o_lin, q, k_w, k_b, v_w, v_b, o_w, o_b))
+            new = gm.graph.call_module(graph_target(name, _key(fqn)), (o_lin, q, k_w, k_b, v_w, v_b, o_w, o_b))
         new.meta.update(o_lin.meta)
         new.meta["adapter"] = ((name,), self.name, fqn)
         o_lin.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        from . import COUNTERS
-
         COUNTERS["llama_adapter_blocks"] += 1
 
     # -- PEFT interop ----------------------------------------------------------------------------
-    def state_dict(self, module, name: str) -> dict[str, torch.Tensor]:
-        holder = module.graph_adapters[name]
+    def state_dict(self, table, name: str) -> dict[str, torch.Tensor]:
+        holder = table.graph_adapters[name]
         out = {}
         for fqn in holder.block_fqns:
             block = holder[_key(fqn)]
             out[f"{fqn}.adaption_prompt"] = block.adaption_prompt
             out[f"{fqn}.adaption_gate"] = block.adaption_gate
         return out
-
-    def load_state_dict(self, module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        pass  # checkpoint.py copies into the tensors state_dict() returns; the fold re-syncs by version
 
     def to_peft_config(self, spec: LlamaAdapter) -> dict:
         # PEFT's target_modules is one name suffix; None makes PEFT pick the model type's default ("self_attn")

@@ -30,7 +30,6 @@ When every row is dropped PEFT divides 0 by 0 (NaN); we return 0 for that layer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import AdapterSpec, check_positive, check_probability
+from ._lycoris import apply_masks, dropout_masks
+from ._patterns import pattern_value
 from .method import AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
 
@@ -64,44 +65,10 @@ class LoHa(AdapterSpec):
             raise AdapterError(f"LoHa: init_weights={self.init_weights!r} must be True or False.")
 
 
-def pattern_value(pattern: dict, fqn: str, default):
-    """PEFT's get_pattern_key: the first key whose regex matches the end of the module name wins."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", fqn):
-            return value
-    return default
-
-
-def dropout_masks(spec, layer: Layer, training: bool, device, rescale: bool = True):
-    """(keep, rows) multipliers of the adapter output, or None each; drawn in PEFT's order.
-
-    keep: (1,) 0/1, module dropout. rows: (d_out,) rank-dropout mask, rescaled by 1/mean if `rescale`
-    (LoHa always; LoKr only with rank_dropout_scale). Shared by the LyCORIS methods (LoHa, LoKr).
-    """
-    if not training or not (spec.module_dropout or spec.rank_dropout):
-        return None, None
-    u = torch.rand(1, device=device)  # PEFT: `torch.rand(1) > module_dropout`, drawn first
-    keep = (u > spec.module_dropout).float() if spec.module_dropout else None
-    rows = None
-    if spec.rank_dropout:
-        rows = (torch.rand(layer.out_features, device=device) > spec.rank_dropout).float()  # (d_out,)
-        if rescale:
-            rows = rows / rows.mean().clamp_min(1e-12)  # PEFT: drop /= drop.mean() (0/0 -> NaN there, 0 here)
-    return keep, rows
-
-
-def apply_masks(delta: torch.Tensor, layer: Layer, keep, rows) -> torch.Tensor:
-    """Scale an adapter output (…, d_out) or (N, d_out, H, W) by the dropout masks."""
-    if rows is not None:
-        delta = delta * (rows.view(-1, 1, 1) if layer.kind == "conv2d" else rows).to(delta.dtype)
-    if keep is not None:
-        delta = delta * keep.to(delta.dtype)
-    return delta
-
-
 class LoHaMethod(WeightMethod):
     name = "loha"
     peft_type = "LOHA"
+    prefix = "hada_"
     spec_type = LoHa
     kinds = frozenset({"linear", "conv2d"})
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..spec import AdapterSpec, check_positive, check_probability
-from .loha import apply_masks, dropout_masks, pattern_value
+from ._lycoris import apply_masks, dropout_masks
+from ._patterns import pattern_value
 from .method import AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
 
@@ -103,6 +104,7 @@ class _Layout:
 class LoKrMethod(WeightMethod):
     name = "lokr"
     peft_type = "LOKR"
+    prefix = "lokr_"
     spec_type = LoKr
     kinds = frozenset({"linear", "conv2d"})
 

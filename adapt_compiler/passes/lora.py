@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import AdapterSpec, check_positive, check_probability
+from ._patterns import pattern_value
 from .method import AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
 
@@ -43,31 +44,25 @@ class LoRA(AdapterSpec):
             raise AdapterError(f"LoRA: init={self.init!r} is not supported; use True, False or 'gaussian'.")
 
 
-def _pattern_value(pattern: dict, fqn: str, default):
-    # PEFT: the first key whose regex matches the end of the module name wins
-    import re
-
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", fqn):
-            return value
-    return default
-
-
 def rank_of(spec: LoRA, layer: Layer) -> int:
-    return _pattern_value(spec.rank_pattern, layer.fqn, spec.r)
+    return pattern_value(spec.rank_pattern, layer.fqn, spec.r)
 
 
 def scaling_of(spec: LoRA, layer: Layer) -> float:
     r = rank_of(spec, layer)
-    alpha = _pattern_value(spec.alpha_pattern, layer.fqn, spec.alpha)
+    alpha = pattern_value(spec.alpha_pattern, layer.fqn, spec.alpha)
     return alpha / math.sqrt(r) if spec.rslora else alpha / r
 
 
 class LoRAMethod(WeightMethod):
     name = "lora"
     peft_type = "LORA"
+    prefix = "lora_"
     spec_type = LoRA
     kinds = frozenset({"linear", "conv2d", "embedding"})
+    # the scaling is folded into B (fold_hotswap); init is history; the compiled dropout p stays
+    # (hotswap serves inference)
+    hotswap_foldable = frozenset({"r", "alpha", "rslora", "rank_pattern", "alpha_pattern", "init", "dropout"})
 
     def check(self, spec: LoRA, layer: Layer) -> None:
         super().check(spec, layer)
@@ -204,6 +199,24 @@ class LoRAMethod(WeightMethod):
             norm = matmul_flops(d_out, r, d_in) + 3 * d_out * d_in
             return {"activation": act + norm + 3 * tokens * d_out, "weight": weight + norm + d_out * d_in}
         return {"activation": act, "weight": weight}
+
+    def scaling(self, spec: LoRA, layer: Layer) -> float:
+        return scaling_of(spec, layer)
+
+    # -- lowering hooks ----------------------------------------------------------------------
+    def kernel_operands(self, spec, layer, p, training):
+        # the fused kernels compute base + s·(x Aᵀ)Bᵀ: Linear / Conv1D, no DoRA, no active dropout
+        if layer.kind != "linear" or spec.use_dora or (training and spec.dropout):
+            return None
+        return p["lora_A"], p["lora_B"], scaling_of(spec, layer)
+
+    def fold_hotswap(self, old_spec, new_spec, layer, p):
+        # s_old · (x Aᵀ)(B · s_new/s_old)ᵀ = s_new · (x Aᵀ) Bᵀ: one rounding, in place (same tensor)
+        ratio = scaling_of(new_spec, layer) / scaling_of(old_spec, layer)
+        if ratio != 1.0:
+            b = p["lora_B"]
+            with torch.no_grad():
+                b.copy_((b.double() * ratio).to(b.dtype))
 
     # -- PEFT interop ----------------------------------------------------------------------
     def peft_key(self, param_name, layer):

@@ -27,15 +27,9 @@ import torch
 import torch.nn.functional as F
 
 
+from ..errors import AdapterError, AdapterShapeError
+
 PREPARED = "_prepared"  # key of a layer's `prepare_group` result in the params its forward receives
-
-
-class AdapterError(ValueError):
-    """Bad adapter input, raised at compile time, before anything the user owns is changed."""
-
-
-class AdapterShapeError(AdapterError):
-    """A target layer has a shape the method cannot take."""
 
 
 @dataclass(frozen=True)
@@ -93,10 +87,15 @@ class Layer:
 class WeightMethod:
     """Base class of one-weight adapter methods. Subclasses override what differs."""
 
+    kind: ClassVar[str] = "weight"
     name: ClassVar[str]  # registry key, e.g. "lora"
     peft_type: ClassVar[str]  # PEFT's PeftType value, e.g. "LORA"
     spec_type: ClassVar[type]
+    # PEFT's parameter-name prefix (`lora_`, `hada_`, ...): every tensor init_params creates starts with it
+    prefix: ClassVar[str]
     kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    # spec fields a hotswap may change (fold_hotswap makes the compiled graph serve the new values)
+    hotswap_foldable: ClassVar[frozenset[str]] = frozenset()
     # "additive": y = base(x) + delta(x); "multiplicative": W' = f(W); "none": not mergeable
     merge_kind: ClassVar[str] = "additive"
     # params that are state, not trained (e.g. AdaLoRA's ranknum): registered as buffers
@@ -113,6 +112,16 @@ class WeightMethod:
 
     def init_params(self, spec, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def init_shared(self, spec, layers: list[Layer]) -> dict[str, torch.Tensor]:
+        """Tensors shared by every layer of one adapter (VeRA's frozen random projections), created
+        once before `init_params`. Each layer's `forward`/`merged_weight` finds them in its params
+        `p` under their own names. Default: none."""
+        return {}
+
+    def shared_peft_key(self, name: str) -> str | None:
+        """PEFT's state-dict key (after `base_model.model.`) of a shared tensor; None: not saved."""
+        return name
 
     # -- evaluation ------------------------------------------------------------------------
     def delta(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], x, weight, training: bool):
@@ -193,6 +202,16 @@ class WeightMethod:
         """A loss term the user adds (AdaLoRA, HRA orthogonality). None if the method has none."""
         return None
 
+    def kernel_operands(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], training: bool):
+        """(A (r, d_in), B (d_out, r), s) if the adapter on this layer is exactly y = base + s·(x Aᵀ)Bᵀ,
+        so the fused and multi-adapter LoRA kernels (lowering/kernels) can serve it; else None."""
+        return None
+
+    def fold_hotswap(self, old_spec, new_spec, layer: Layer, p: Mapping[str, torch.Tensor]) -> None:
+        """After a hotswap loaded tensors saved under `new_spec` into an adapter compiled with
+        `old_spec`: rewrite them in place so the compiled graph (which keeps `old_spec`) computes
+        what `new_spec` would. Only fields in `hotswap_foldable` can differ. Default: nothing."""
+
 
 def spec_fields(spec) -> dict:
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
@@ -205,34 +224,46 @@ def matmul_flops(m, k, n):
 class GraphMethod:
     """Base class of structural methods (Llama-Adapter, X-LoRA): they rewrite the captured graph.
 
-    `setup(module, name, spec)` creates the parameters eagerly (in `module.graph_adapters[name]`,
-    an nn.Module) from the model's structure; `rewrite(gm, module, name, captured)` splices the
-    method into one captured graph (its params are reachable as `ac_graph_<name>.<path>`).
+    `setup(table, name, spec, sub_adapters)` creates the parameters eagerly (an nn.Module it returns,
+    kept as `table.graph_adapters[name]`) from the model's structure; `rewrite(gm, table, name,
+    captured)` splices the method into one captured graph (its modules are reachable as
+    `names.graph_target(name, path)`). Methods never see the AdaptedModule, only the table.
     """
 
     kind: ClassVar[str] = "graph"
     name: ClassVar[str]
     peft_type: ClassVar[str]
     spec_type: ClassVar[type]
+    prefix: ClassVar[str]
     merge_kind: ClassVar[str] = "none"
     # what `state_dict` keys are relative to in PEFT's files (X-LoRA's classifier: "base_model.")
     key_prefix: ClassVar[str] = "base_model.model."
 
-    def setup(self, module, name: str, spec) -> None:
+    def sub_adapters(self, spec) -> dict:
+        """Adapters this one is built from (X-LoRA's experts): name -> a spec or a PEFT directory.
+        checkpoint.py reads the directories; `setup` receives name -> spec, and the checkpoint's
+        tensors are then copied into the live tensors `sub_adapter_state` returns."""
+        return {}
+
+    def setup(self, table, name: str, spec, sub_adapters: dict):
+        """Create the adapter's modules; return (holder nn.Module, the spec with anything resolved
+        from the model filled in, e.g. X-LoRA's hidden_size). `sub_adapters`: name -> spec."""
         raise NotImplementedError
 
-    def rewrite(self, gm, module, name: str, captured) -> None:
+    def rewrite(self, gm, table, name: str, captured) -> None:
         raise NotImplementedError
 
-    def state_dict(self, module, name: str) -> dict[str, torch.Tensor]:
-        """PEFT-format tensors (keys without the `base_model.model.` prefix)."""
+    def before_call(self, table, name: str, training: bool) -> None:
+        """Run before each eager call of the AdaptedModule, outside any compiled graph (Llama-Adapter
+        refreshes its folded prompt projections here). Default: nothing."""
+
+    def state_dict(self, table, name: str) -> dict[str, torch.Tensor]:
+        """PEFT-format tensors (keys without `key_prefix`), the live tensors (loads copy into them)."""
         raise NotImplementedError
 
-    def load_state_dict(self, module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def save_files(self, module, name: str, path) -> None:
-        """Extra files next to adapter_config.json (X-LoRA's expert subfolders). Default: none."""
+    def sub_adapter_state(self, table, name: str) -> dict:
+        """For saving: sub-adapter name -> (its spec, the modules it targets, its PEFT-keyed tensors)."""
+        return {}
 
     def to_peft_config(self, spec) -> dict:
         raise NotImplementedError

@@ -30,7 +30,6 @@ still loads.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..spec import AdapterSpec, check_positive, check_probability
+from ..counters import COUNTERS
+from ..errors import CheckpointError
+from ..names import PEFT_PREFIX, graph_target
+from ..spec import AdapterSpec, _output_head, check_positive, check_probability, resolve_targets
 from .match import describe_layer, find_layer_nodes, layer_kind
 from .method import AdapterError, GraphMethod
-from .registry import register
+from .registry import METHODS, register
 
 aten = torch.ops.aten
 
@@ -203,30 +205,16 @@ def _key(fqn: str) -> str:
 
 
 # -- experts ------------------------------------------------------------------------------------
-def _load_expert(model, name: str, source):
-    """(LoRA spec, {fqn: (layer, {lora_A, lora_B})}) for one expert, from a spec or a PEFT LoRA dir."""
-    from ..checkpoint import CheckpointError, PREFIX, read_config, read_tensors, spec_from_config
-    from ..spec import resolve_targets
-    from .lora import LoRA, scaling_of
-
-    tensors = None
-    if isinstance(source, (str, Path)):
-        config = read_config(source)
-        if config["peft_type"] != "LORA":
-            raise CheckpointError(
-                f"XLoRA expert {name!r}: {source} holds a {config['peft_type']} adapter; experts are LoRA.")
-        spec = spec_from_config(config, str(Path(source) / "adapter_config.json"))
-        tensors = read_tensors(source)
-    elif isinstance(source, LoRA):
-        spec = source
-    else:
-        raise AdapterError(
-            f"XLoRA expert {name!r}: expected ac.LoRA(...) or a PEFT LoRA directory, got {type(source).__name__}.")
+def _expert_layers(model, name: str, spec):
+    """{fqn: (layer, fresh {lora_A, lora_B}, scaling)} of one expert (a LoRA spec); checkpoint.py
+    copies a checkpoint's tensors into the banks afterwards (`sub_adapter_state`)."""
+    lora = METHODS["lora"]
+    if not isinstance(spec, lora.spec_type):
+        raise CheckpointError(
+            f"XLoRA expert {name!r} is a {type(spec).__name__} adapter; experts are LoRA "
+            f"(ac.LoRA(...) or a PEFT LoRA directory).")
     if spec.use_dora:
         raise AdapterError(f"XLoRA expert {name!r}: DoRA experts are not supported (PEFT raises too).")
-    from . import METHODS
-
-    lora = METHODS["lora"]
     modules = dict(model.named_modules())
     layers = {}
     for fqn in resolve_targets(spec, model, layer_kind):
@@ -238,37 +226,28 @@ def _load_expert(model, name: str, source):
             )
         lora.check(spec, layer)
         w = modules[fqn].weight
-        params = lora.init_params(spec, layer, w.detach())
-        params = {k: v.to(w.device) for k, v in params.items()}
-        layers[fqn] = (layer, params, scaling_of(spec, layer))
-    if tensors is not None:
-        expected = {f"{PREFIX}{fqn}.{lora.peft_key(k, layer)}": (fqn, k)
-                    for fqn, (layer, params, _) in layers.items() for k in params}
-        given = {k.replace(f".{name}.weight", ".weight"): v for k, v in tensors.items()}
-        missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-        bad = [k for k in set(expected) & set(given)
-               if tuple(given[k].shape) != tuple(layers[expected[k][0]][1][expected[k][1]].shape)]
-        if missing or unexpected or bad:
-            raise CheckpointError(
-                f"XLoRA expert {name!r} ({source}) does not fit this model: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, shape mismatches {bad[:3]}. "
-                f"Use an expert trained on this base model."
-            )
-        for k, (fqn, pname) in expected.items():
-            t = layers[fqn][1][pname]
-            layers[fqn][1][pname] = given[k].to(device=t.device, dtype=t.dtype)
-    return spec, layers
+        params = {k: v.to(w.device) for k, v in lora.init_params(spec, layer, w.detach()).items()}
+        layers[fqn] = (layer, params, lora.scaling(spec, layer))
+    return layers
 
 
 class XLoRAMethod(GraphMethod):
     name = "xlora"
     peft_type = "XLORA"
+    prefix = "internal_xlora_classifier"
     spec_type = XLoRA
     key_prefix = "base_model."  # PEFT: base_model.internal_xlora_classifier.*
 
-    def setup(self, module, name: str, spec: XLoRA) -> None:
-        model = module._model
-        experts = [(ename, *_load_expert(model, ename, src)) for ename, src in spec.experts.items()]
+    def sub_adapters(self, spec: XLoRA) -> dict:
+        for ename, src in spec.experts.items():
+            if not isinstance(src, (str, Path, METHODS["lora"].spec_type)):
+                raise AdapterError(f"XLoRA expert {ename!r}: expected ac.LoRA(...) or a PEFT LoRA directory, "
+                                   f"got {type(src).__name__}.")
+        return dict(spec.experts)
+
+    def setup(self, table, name: str, spec: XLoRA, sub_adapters: dict):
+        model = table.model
+        experts = [(ename, lspec, _expert_layers(model, ename, lspec)) for ename, lspec in sub_adapters.items()]
         order = [fqn for fqn, _ in model.named_modules()]
         fqns = [f for f in order if any(f in layers for _, _, layers in experts)]  # PEFT's layer numbering
         hidden = spec.hidden_size or getattr(getattr(model, "config", None), "hidden_size", None)
@@ -281,18 +260,18 @@ class XLoRAMethod(GraphMethod):
         for i, fqn in enumerate(fqns):
             rows = [(e, layers[fqn][1]["lora_A"], layers[fqn][1]["lora_B"], layers[fqn][2], lspec.dropout)
                     for e, (_, lspec, layers) in enumerate(experts) if fqn in layers]
-            banks[_key(fqn)] = ExpertBank(name, module.state, spec, i, len(fqns), len(experts), rows,
+            banks[_key(fqn)] = ExpertBank(name, table.state, spec, i, len(fqns), len(experts), rows,
                                           spec.use_trainable_adapters)
         classifier = XLoRAClassifier(spec, hidden, len(experts), len(fqns), dtype, device)
         holder = XLoRAHolder(classifier, banks)
         holder.__dict__["layer_fqns"] = fqns
         holder.__dict__["expert_specs"] = [(ename, lspec, list(layers)) for ename, lspec, layers in experts]
-        module.graph_adapters[name] = holder
+        return holder, spec.replace(hidden_size=hidden)
 
     # -- the dual pass ------------------------------------------------------------------------
-    def rewrite(self, gm: fx.GraphModule, module, name: str, captured) -> None:
-        holder = module.graph_adapters[name]
-        spec = module.state.specs[name]
+    def rewrite(self, gm: fx.GraphModule, table, name: str, captured) -> None:
+        holder = table.graph_adapters[name]
+        spec = table.specs[name]
         graph = gm.graph
         found = find_layer_nodes(gm, set(holder.layer_fqns))
         missing = [f for f in holder.layer_fqns if f not in found]
@@ -301,7 +280,7 @@ class XLoRAMethod(GraphMethod):
                 f"XLoRA: expert layers {missing[:3]} were not found as plain Linear ops in the captured graph "
                 f"(never called with these inputs, or already adapted by another weight adapter)."
             )
-        hidden = self._hidden_state(gm, module, spec)
+        hidden = self._hidden_state(gm, table.model, spec)
         width = hidden.meta["val"].shape[-1]
         expected = holder.internal_xlora_classifier.layers[0].in_features
         if width != expected:
@@ -314,7 +293,7 @@ class XLoRAMethod(GraphMethod):
         first = nodes[last_input + 1]  # (unlifted graphs may read params before their inputs)
         needed = _ancestors(hidden)
         expert_of = {n: fqn for fqn, ns in found.items() for n in ns}
-        prefix = f"ac_graph_{name}"
+        prefix = graph_target(name)
         env: dict[fx.Node, fx.Node] = {}
         with graph.inserting_before(first):
             # 1. the scaling pass: a copy of what the last hidden state depends on
@@ -348,14 +327,9 @@ class XLoRAMethod(GraphMethod):
             bank.meta["adapter"] = ((name,), self.name, fqn)
             n.replace_all_uses_with(bank)
             graph.erase_node(n)
-        from . import COUNTERS
-
         COUNTERS["xlora_expert_layers"] += len(expert_of)
 
-    def _hidden_state(self, gm: fx.GraphModule, module, spec: XLoRA) -> fx.Node:
-        from ..spec import _output_head
-
-        model = module._model
+    def _hidden_state(self, gm: fx.GraphModule, model, spec: XLoRA) -> fx.Node:
         if spec.hidden_state_module is not None:
             target = spec.hidden_state_module
             hits = [n for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
@@ -376,55 +350,33 @@ class XLoRAMethod(GraphMethod):
             node = node.args[0]  # HF's logits_to_keep slice: PEFT's hidden_states[-1] is the whole sequence
         return node
 
-    def latest_scalings(self, module, name: str):
-        return module.graph_adapters[name].internal_xlora_classifier.latest_scalings
+    def latest_scalings(self, table, name: str):
+        return table.graph_adapters[name].internal_xlora_classifier.latest_scalings
 
     # -- PEFT interop ---------------------------------------------------------------------------
-    def state_dict(self, module, name: str) -> dict[str, torch.Tensor]:
-        clf = module.graph_adapters[name].internal_xlora_classifier
+    def state_dict(self, table, name: str) -> dict[str, torch.Tensor]:
+        clf = table.graph_adapters[name].internal_xlora_classifier
         return {f"internal_xlora_classifier.{k}": v for k, v in clf.named_parameters()}
 
-    def load_state_dict(self, module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        pass  # checkpoint.py copies into the tensors state_dict() returns
-
-    def save_files(self, module, name: str, path) -> None:
-        """Each expert as a PEFT LoRA folder `<path>/<expert name>/`."""
-        from safetensors.torch import save_file
-
-        from ..checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _atomic_write
-        from . import METHODS
-
-        holder = module.graph_adapters[name]
-        lora = METHODS["lora"]
+    def sub_adapter_state(self, table, name: str) -> dict:
+        """Each expert as a PEFT LoRA: (spec, its layers, live views into the concatenated banks)."""
+        holder = table.graph_adapters[name]
+        out = {}
         for e, (ename, lspec, fqns) in enumerate(holder.expert_specs):
             tensors = {}
             for fqn in fqns:
                 a, b = holder.experts[_key(fqn)].expert_tensors(e)
-                tensors[f"{PREFIX}{fqn}.lora_A.weight"] = a.detach().contiguous()
-                tensors[f"{PREFIX}{fqn}.lora_B.weight"] = b.detach().contiguous()
-            config = dict(lora.to_peft_config(lspec))
-            config.update(peft_type="LORA", task_type=None, inference_mode=True, revision=None,
-                          target_modules=lspec.targets if lspec.targets is not None else fqns,
-                          base_model_name_or_path=None)
-            target = Path(path) / ename
-            target.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-            text = json.dumps(config, indent=2, default=str)
-            _atomic_write(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-        # PEFT opens `adapters` values as given (relative = to its cwd), so record the folders' absolute
-        # paths; from_peft_config falls back to <root>/<name> when the checkpoint has been moved
-        root_cfg = Path(path) / CONFIG_NAME
-        config = json.loads(root_cfg.read_text())
-        config["adapters"] = {ename: str((Path(path) / ename).resolve()) for ename, _, _ in holder.expert_specs}
-        config["hidden_size"] = holder.internal_xlora_classifier.layers[0].in_features  # as resolved at setup
-        _atomic_write(root_cfg, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=str)))
+                tensors[f"{PEFT_PREFIX}{fqn}.lora_A.weight"] = a
+                tensors[f"{PEFT_PREFIX}{fqn}.lora_B.weight"] = b
+            out[ename] = (lspec, fqns, tensors)
+        return out
 
     def to_peft_config(self, spec: XLoRA) -> dict:
         fields = ("hidden_size", "enable_softmax", "enable_softmax_topk", "layerwise_scalings", "xlora_depth",
                   "xlora_size", "xlora_dropout_p", "use_trainable_adapters", "softmax_temperature", "top_k_lora",
                   "scaling_pass_value", "global_scaling_weight")
         config = {f: getattr(spec, f) for f in fields}
-        config["adapters"] = {n: n for n in spec.experts}  # save_files: the expert folders next to this config
+        config["adapters"] = {n: n for n in spec.experts}  # the expert folders next to this config (checkpoint.py)
         config["target_modules"] = None
         return config
 

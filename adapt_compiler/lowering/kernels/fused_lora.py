@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import HAVE_TRITON, INTERPRET, use_kernel
+from ._runtime import HAVE_TRITON, INTERPRET, use_kernel
 
 if HAVE_TRITON:
     import triton

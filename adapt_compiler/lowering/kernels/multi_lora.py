@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import HAVE_TRITON, INTERPRET, use_kernel
+from ._runtime import HAVE_TRITON, INTERPRET, use_kernel
 from .fused_lora import _pow2, _precision
 
 if HAVE_TRITON:

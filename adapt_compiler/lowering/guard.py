@@ -1,0 +1,198 @@
+"""The correctness guard: the first call of every compiled graph is checked against the eager graph.
+
+Compilers have bugs (Inductor on CPU in torch 2.13 trains a diffusers UNet with wrong gradients,
+docs/upstream/), and our users must not inherit them silently. `guard(gm, compiled, ...)` wraps a
+lowered graph. Its first call runs the uncompiled FX graph (the reference) and the compiled one on
+the same inputs, from the same RNG state and buffer values:
+
+* with gradients (a training step): every floating output is contracted with a fixed random
+  cotangent, and the gradients of that scalar with respect to every trainable adapter tensor are
+  compared. This checks the forward and the backward the user's loss will run through, whatever
+  the loss is, without touching `.grad`.
+* without gradients (eval, inference): the outputs are compared.
+
+Tolerances scale with the dtype of each tensor (`TOLERANCE`). If the two agree, the compiled graph
+serves this call (its autograd graph is kept for the user's backward) and every later call. If
+they do not, a `CompilerMismatchWarning` names the graph, the tensors that differ and by how much;
+the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
+does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
+training) per new graph; `ac.compile(..., verify=False)` turns it off.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils import _pytree as pytree
+
+# relative tolerance per dtype: Inductor reorders reductions and fuses kernels (float32 drifts by
+# ~1e-6 relative on CPU, by ~1e-3 with TF32 convolutions on CUDA); a miscompile is off by O(1)
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-3, torch.bfloat16: 6e-2, torch.float16: 2e-2}
+CUDA_FLOAT32 = 2e-2
+
+
+class CompilerMismatchWarning(UserWarning):
+    """A compiled graph disagreed with the eager graph on its first call; the graph was switched."""
+
+
+@dataclass
+class Verdict:
+    """What the guard found on a graph's first call (report() shows it)."""
+
+    status: str  # "passed" | "mismatch" | "not checked: <why>"
+    lowering: str  # what serves the graph now
+    compared: int = 0  # tensors compared
+    worst: float = 0.0  # largest error relative to its tensor's scale
+    mismatches: list = field(default_factory=list)  # (what, |Δ| max, scale) of each tensor that differs
+
+
+def _tolerance(t: torch.Tensor) -> float:
+    if t.dtype == torch.float32 and t.is_cuda:
+        return CUDA_FLOAT32
+    return TOLERANCE.get(t.dtype, 2e-3)
+
+
+def _float_leaves(out) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _cotangent(t: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t.shape, generator=g, dtype=torch.float32).to(device=t.device)
+
+
+def _scalar(leaves: list[torch.Tensor]) -> torch.Tensor | None:
+    """Σ ⟨leaf, c_leaf⟩ over the outputs that require grad, with fixed random cotangents c."""
+    terms = [(t.float() * _cotangent(t, i)).sum() for i, t in enumerate(leaves) if t.requires_grad]
+    return torch.stack(terms).sum() if terms else None
+
+
+def _compare(named_pairs) -> tuple[float, list]:
+    """(worst relative error, mismatches) over (what, candidate, reference) triples."""
+    worst, bad = 0.0, []
+    refs = [r for _, _, r in named_pairs if r is not None]
+    floor = max((float(r.detach().abs().max()) for r in refs if r.numel()), default=0.0) * 1e-3
+    for what, cand, ref in named_pairs:
+        if cand is None and ref is None:
+            continue
+        if cand is None or ref is None or cand.shape != ref.shape:
+            bad.append((what, math.inf, 0.0))
+            worst = math.inf
+            continue
+        if not ref.numel():
+            continue
+        diff = float((cand.detach().double() - ref.detach().double()).abs().max())
+        scale = max(float(ref.detach().abs().max()), floor, 1e-12)
+        if not math.isfinite(diff):
+            diff = math.inf
+        rel = diff / scale
+        worst = max(worst, rel)
+        if rel > _tolerance(ref):
+            bad.append((what, diff, scale))
+    return worst, bad
+
+
+class _State:
+    """The tensors a call may change in place (buffers such as BatchNorm statistics, inputs such as
+    a KV cache), the RNG: saved before the reference runs and put back before the candidate."""
+
+    def __init__(self, buffers: list[torch.Tensor], args, kwargs):
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.tensors = [t for t in [*buffers, *inputs] if not t.requires_grad]
+        self.saved = [t.detach().clone() for t in self.tensors]
+        self.rng = torch.random.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, s in zip(self.tensors, self.saved):
+            t.copy_(s)
+        torch.random.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def _run(fn, args, kwargs, params, grads: bool):
+    """(outputs, [gradient per param or None]) of one call; with `grads`, the autograd graph is kept."""
+    out = fn(*args, **kwargs)
+    if not grads:
+        return out, None
+    scalar = _scalar(_float_leaves(out))
+    if scalar is None:
+        return out, None
+    got = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
+    return out, list(got)
+
+
+class GuardedGraph:
+    """A lowered graph whose first call is checked (see the module docstring)."""
+
+    def __init__(self, gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str):
+        self.gm, self.fn, self.lowering = gm, compiled, lowering
+        self.tensors = tensors  # () -> [(label, parameter)]: the trainable adapter tensors
+        self.buffers = buffers  # () -> [buffer]: base tensors a call may update in place
+        self.fallbacks = list(fallbacks)  # [(name, () -> callable)], tried in order; eager is last
+        self.what = what
+        self.verdict: Verdict | None = None
+        gm.meta["ac_guard"] = None
+
+    def __call__(self, *args, **kwargs):
+        if self.verdict is not None:
+            return self.fn(*args, **kwargs)
+        return self._first_call(args, kwargs)
+
+    def _first_call(self, args, kwargs):
+        labelled = [(label, p) for label, p in self.tensors() if p.requires_grad]
+        grads = torch.is_grad_enabled() and bool(labelled)
+        params = [p for _, p in labelled]
+        state = _State(self.buffers(), args, kwargs)
+        ref_out, ref_grads = _run(self.gm, args, kwargs, params, grads)
+        ref = _float_leaves(ref_out)
+        ref_grads = [g.detach() if g is not None else None for g in ref_grads] if ref_grads is not None else None
+        ref = [t.detach() for t in ref]
+        del ref_out  # the reference's autograd graph: freed before the candidate runs
+        candidates = [(self.lowering, self.fn), *self.fallbacks]
+        first_bad = None
+        for i, (name, fn) in enumerate(candidates):
+            if i:
+                fn = fn()  # build the fallback only when needed
+            state.restore()
+            out, got = _run(fn, args, kwargs, params, grads)
+            pairs = [(f"output {j}", o, r) for j, (o, r) in enumerate(zip(_float_leaves(out), ref))]
+            if len(_float_leaves(out)) != len(ref):
+                pairs.append(("outputs", None, torch.zeros(1)))
+            if ref_grads is not None:
+                pairs += [(f"grad {label}", g, r) for (label, _), g, r in zip(labelled, got or [None] * len(params),
+                                                                          ref_grads)]
+            worst, bad = _compare(pairs)
+            if not bad:
+                self.fn, self.lowering = fn, name
+                self.verdict = Verdict("passed" if i == 0 else "mismatch", name, len(pairs), worst,
+                                       first_bad[1] if first_bad else [])
+                if first_bad:
+                    self._warn(first_bad[0], first_bad[1], name)
+                self.gm.meta["ac_guard"] = self.verdict
+                return out
+            if first_bad is None:
+                first_bad = (name, bad)
+        raise AssertionError("the eager fallback disagreed with the eager reference")  # eager is the reference
+
+    def _warn(self, failed: str, bad: list, now: str) -> None:
+        shown = "; ".join(f"{what}: max |Δ| {diff:.3g} ({'∞' if not scale else f'{diff / scale:.0%}'} of its scale)"
+                          for what, diff, scale in bad[:6])
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        warnings.warn(
+            f"adapt_compiler: the {failed} lowering of {self.what} disagrees with the eager graph on its first call "
+            f"({len(bad)} tensors differ: {shown}{more}). This graph now runs on the {now} lowering; report() "
+            f"records it. This is a compiler bug, not your model; pass verify=False to skip the check.",
+            CompilerMismatchWarning,
+            stacklevel=4,
+        )
+
+
+def guard(gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str) -> GuardedGraph:
+    """Wrap a lowered graph so its first call is verified (see the module docstring)."""
+    return GuardedGraph(gm, compiled, lowering, tensors, buffers, fallbacks, what)

@@ -1,0 +1,88 @@
+"""The adapter table: what the pipeline, the methods and the file formats read about one AdaptedModule.
+
+The pipeline and every callee take an `AdapterTable`, never the AdaptedModule itself: it names the
+user's model (read, never modified), the frozen base tensors by FQN, the adapters' specs and active
+set, and the modules that hold adapter tensors. AdaptedModule registers the same ModuleDicts as its
+children, so `.parameters()`, `.state_dict()` and `.to()` see every tensor once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AdapterState:
+    """What all runtime modules of one AdaptedModule read when a graph runs (shared, plain Python)."""
+
+    active: tuple[str, ...] = ()
+    mixed: Any = None  # lowering.mixed.MixedBatch of the current call (adapter_names=...), else None
+    specs: dict = field(default_factory=dict)  # adapter name -> spec
+
+
+class AdapterParams(nn.Module):
+    """One adapter's tensors on one layer: trainable ones as parameters, state as buffers."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], buffer_names=frozenset()):
+        super().__init__()
+        for name, t in tensors.items():
+            if name in buffer_names:
+                self.register_buffer(name, t)
+            else:
+                self.register_parameter(name, nn.Parameter(t))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+
+
+@dataclass(eq=False)
+class AdapterTable:
+    """Everything known about the adapters of one AdaptedModule (see the module docstring)."""
+
+    model: nn.Module  # the user's model: read, never modified
+    frozen: dict[str, torch.Tensor]  # FQN -> frozen base tensor (same storage as the user's; tied share one)
+    state: AdapterState
+    slots: nn.ModuleDict  # slot_key(fqn) -> lowering.slots.AdapterSlot (weight methods)
+    saved: nn.ModuleDict  # slot_key(fqn) -> lowering.slots.SavedModuleSlot (modules_to_save)
+    graph_adapters: nn.ModuleDict  # adapter name -> a graph method's modules
+    shared: nn.ModuleDict  # adapter name -> AdapterParams a weight method shares across layers
+    method_state: dict = field(default_factory=dict)  # adapter name -> a method's Python state (AdaLoRA)
+    prepare_hooks: list = field(default_factory=list)  # callables run before each eager call (see GraphMethod)
+
+    @property
+    def specs(self) -> dict:
+        return self.state.specs
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.state.active
+
+    def slots_of(self, adapter: str) -> list:
+        return [s for s in self.slots.values() if adapter in s.methods]
+
+    def tensors(self):
+        """(adapter, where, parameter name, parameter) for every adapter parameter; `where` is the
+        layer or module it belongs to. X-LoRA's frozen experts (`_ac_frozen`) are not listed."""
+        for slot in self.slots.values():
+            for name, params in slot.adapters.items():
+                for pname, p in params.named_parameters():
+                    yield name, slot.layer.fqn, pname, p
+        for name, params in self.shared.items():
+            for pname, p in params.named_parameters():
+                yield name, "(shared)", pname, p
+        for slot in self.saved.values():
+            for name, clone in slot.copies.items():
+                for pname, p in clone.named_parameters():
+                    yield name, slot.fqn, pname, p
+        for name, holder in self.graph_adapters.items():
+            for pname, p in holder.named_parameters():
+                if not getattr(p, "_ac_frozen", False):
+                    yield name, "(graph)", pname, p
+
+    def model_config(self):
+        """The model's HF config, or None for a plain module."""
+        return getattr(self.model, "config", None)
