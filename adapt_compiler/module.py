@@ -21,6 +21,7 @@ from . import checkpoint, pipeline
 from .capture import Captured, fits, signature
 from .counters import COUNTERS
 from .errors import AdapterError
+from .integrations.hf_model import HFModelAttributes
 from .lowering import lowering_name
 from .lowering import merge as merging
 from .lowering.mixed import check_adapter_names
@@ -53,7 +54,7 @@ class _Disabled(contextlib.AbstractContextManager):
         return False
 
 
-class AdaptedModule(nn.Module):
+class AdaptedModule(HFModelAttributes, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
                  verify: bool = True):
         super().__init__()

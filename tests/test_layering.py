@@ -10,6 +10,7 @@ it does not remove it). Layers, lowest first; a module may import its own layer 
     checkpoint  checkpoint
     lowering    lowering.*                (never module)
     pipeline    pipeline, report, graph_view
+    integrations integrations.*       (ecosystem glue: what HF clients read from a model)
     module      module
     front       export, api
     entry       the package itself, cli, commands.*
@@ -36,6 +37,7 @@ LAYERS = [
     ("checkpoint", ("checkpoint",)),
     ("lowering", ("lowering",)),
     ("pipeline", ("pipeline", "report", "graph_view")),
+    ("integrations", ("integrations",)),
     ("module", ("module",)),
     ("front", ("export", "api")),
     ("entry", ("", "cli", "commands")),
