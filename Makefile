@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: demo test bench install
+.PHONY: demo test test-fast bench install
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+
+# the inner loop: everything but the tests that compile a real model with Inductor (marked slow)
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" -x tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -433,7 +433,9 @@ class AdaptedModule(HFModelAttributes, nn.Module):
 
     def report(self, print_table: bool = False):
         graph = self.latest_graph() if self._graphs and self.state.specs else None
-        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks())
+        workarounds = [w for es in self._graphs.values() for e in es for gm in e.graphs.values()
+                       for w in gm.meta.get("ac_workarounds", ())]
+        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds)
         if print_table:
             rep.print()
         return rep

@@ -2,8 +2,9 @@
 
     captured = capture(model, args, kwargs, training)      # torch.export (non-strict) of the frozen base
     gm = build(captured, table, variant)                   # the adapter passes and the plan, below
-    fn = lower(gm, how, table, verify)                     # torch.compile (Inductor) or the FX graph as is;
-                                                           # its first call checked against the FX graph
+    fn = lower(gm, how, table, verify)                     # torch.compile (Inductor, on a copy with known
+                                                           # compiler bugs worked around) or the FX graph
+                                                           # as is; its first call checked against the FX graph
 
 `build` runs, on a fresh copy of the captured graph (the captured graph itself is never changed):
 
@@ -36,6 +37,7 @@ from . import lowering
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
 from .lowering.plan import plan_layers
+from .lowering.workarounds import for_inductor
 from .table import AdapterTable
 
 VARIANTS = ("adapted", "mixed", "merged", "disabled")
@@ -77,14 +79,17 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     """The callable that runs `gm`: compiled as `how` says. Unless `how` is "eager" or `verify` is
     off, its first call is checked against the FX graph itself (lowering/guard.py), and a graph
     that disagrees falls back to eager with a warning."""
-    if how == "eager" or not verify:
-        return lowering.lower(gm, how)
+    if how == "eager":
+        return gm
+    compiled_graph = for_inductor(gm) if how == "inductor" else gm  # known Inductor bugs, worked around
+    if not verify:
+        return lowering.lower(compiled_graph, how)
     # the compiled graph draws the same random numbers as the eager one (aten's generator), so
     # the check can compare training graphs with dropout, and a seed gives PEFT's masks
     options = {"fallback_random": True}
     what = f"{type(table.model).__name__} ({'train' if gm.meta['ac_training'] else 'eval'}, {gm.meta['ac_variant']})"
     return guard(
-        gm, lowering.lower(gm, how, options), lowering.lowering_name(how),
+        gm, lowering.lower(compiled_graph, how, options), lowering.lowering_name(how),
         tensors=lambda: [(f"{a}:{where}.{p}", t) for a, where, p, t in table.tensors()],
         buffers=lambda: [t for t in table.frozen.values() if not isinstance(t, nn.Parameter)],
         fallbacks=[("eager", lambda: gm)],

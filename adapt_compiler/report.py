@@ -68,6 +68,7 @@ class Report:
     lowering: str = ""
     kernel: str = ""
     checks: list = field(default_factory=list)  # (graph, lowering.guard.Verdict or None) per compiled graph
+    workarounds: list = field(default_factory=list)  # compiler bugs worked around in the graphs (lowering/workarounds.py)
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)
@@ -111,6 +112,7 @@ class Report:
             f" | lowering: {self.lowering} | LoRA kernel: {self.kernel}"
         )
         lines += [f"compiled graph {what}: {_check_text(v)}" for what, v in self.checks]
+        lines += [f"workaround: {w}" for w in self.workarounds]
         return "\n".join(lines)
 
     # -- rich -------------------------------------------------------------------------------------
@@ -161,6 +163,8 @@ class Report:
         for what, verdict in self.checks:
             style = "bold red" if verdict is not None and verdict.status == "mismatch" else None
             totals.append(f"\ncompiled graph {what}: {_check_text(verdict)}", style=style)
+        for w in self.workarounds:
+            totals.append(f"\nworkaround: {w}")
         parts = [table, totals]
         if unmatched:
             parts.append(self._unmatched_table())
@@ -229,11 +233,11 @@ def _crossover(r: LayerRow) -> str:
 
 
 # -- building ---------------------------------------------------------------------------------
-def build_report(table, lowering: str, graph=None, checks=()) -> Report:
+def build_report(table, lowering: str, graph=None, checks=(), workarounds=()) -> Report:
     """The report of one AdaptedModule's table; orders and FLOPs from the plan on `graph` (None:
     nothing captured yet); `checks`: (graph description, guard verdict) of each compiled graph."""
     rep = Report(lowering=lowering, counters=dict(COUNTERS), active=tuple(table.active),
-                 model_name=type(table.model).__name__, checks=list(checks))
+                 model_name=type(table.model).__name__, checks=list(checks), workarounds=sorted(set(workarounds)))
     decisions = decisions_of(graph) if graph is not None else {}
     for slot in table.slots.values():
         for name, method in slot.methods.items():
