@@ -52,13 +52,13 @@ def unet2d_inputs(batch: int = 2, seed: int = 1):
     return (torch.randn(batch, 3, 8, 8, generator=g), torch.tensor([10, 500][:batch])), {}
 
 
-def tiny_vae(seed: int = 0, sample_size: int = 16):
+def tiny_vae(seed: int = 0, **overrides):
+    """AutoencoderKL, 2 blocks (a factor 2 between pixels and latents), 4 latent channels, 16×16 images."""
     _seeded(seed)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=sample_size,
-    ).eval()
+    config = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=8, sample_size=16)
+    return diffusers.AutoencoderKL(**{**config, **overrides}).eval()
 
 
 def vae_inputs(batch: int = 2, seed: int = 1):

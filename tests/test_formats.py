@@ -124,7 +124,7 @@ def lycoris_delta(t: dict, shape) -> torch.Tensor:
         w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
         w1 = w1[:, :, None, None]
     scale = alpha / dim if (alpha is not None and dim is not None) else 1.0
-    return torch.kron(w1, w2).reshape(shape) * scale
+    return torch.kron(w1.contiguous(), w2.contiguous()).reshape(shape) * scale  # (kron views its inputs)
 
 
 # -- kohya LoRA: diffusers is the reference ----------------------------------------------------------
@@ -265,7 +265,7 @@ def test_diffusers_lora_file_equals_diffusers(sd_pipe, tmp_path, with_metadata):
                                rank_pattern={"conv1": 2}, alpha_pattern={"conv1": 6} if with_metadata else {"conv1": 2})
     te_cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=CLIP)
     unet.add_adapter(unet_cfg)
-    te.add_adapter(te_cfg)
+    peft.inject_adapter_in_model(te_cfg, te)  # (transformers' te.add_adapter wants PEFT >= 0.22)
     randomize_(unet, ("lora_",), seed=6)
     randomize_(te, ("lora_",), seed=7)
     meta = dict(unet_lora_adapter_metadata=unet_cfg.to_dict(), text_encoder_lora_adapter_metadata=te_cfg.to_dict()) \
