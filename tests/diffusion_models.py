@@ -149,3 +149,28 @@ def run_sd(pipe, steps: int = 2):
     (batch 2 through the UNet), fixed seed; the image as a numpy array."""
     return pipe("a photo of a cat", num_inference_steps=steps, height=16, width=16, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images
+
+
+# -- adapter files as the community's tools write them ----------------------------------------------------
+def kohya_name(prefix: str, fqn: str) -> str:
+    return f"{prefix}_{fqn.replace('.', '_')}"
+
+
+def kohya_lora(model, prefix: str, plan: dict, seed: int) -> dict:
+    """kohya LoRA tensors for every module whose last name is in `plan`: leaf -> (rank, alpha or None)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for fqn, mod in model.named_modules():
+        leaf = fqn.split(".")[-1] if not fqn.endswith("to_out.0") else "to_out.0"
+        if leaf not in plan or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        r, alpha = plan[leaf]
+        name = kohya_name(prefix, fqn)
+        kernel = tuple(mod.kernel_size) if isinstance(mod, torch.nn.Conv2d) else ()
+        d_in = mod.in_channels if kernel else mod.in_features
+        d_out = mod.out_channels if kernel else mod.out_features
+        out[f"{name}.lora_down.weight"] = torch.randn(r, d_in, *kernel, generator=g) * 0.2
+        out[f"{name}.lora_up.weight"] = torch.randn(d_out, r, *[1] * len(kernel), generator=g) * 0.2
+        if alpha is not None:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out

@@ -107,3 +107,38 @@ def test_pipelines_read_the_denoisers_submodules_but_not_its_methods():
         m.fuse_qkv_projections()
     with pytest.raises(AttributeError):
         m.no_such_attribute
+
+
+def test_readme_diffusers_section(tmp_path, monkeypatch):
+    """The README's diffusers section runs as written: a tiny pipeline stands for `pipe`, a kohya file with
+    UNet and text-encoder parts for style.safetensors; eager lowering and 2 steps keep it quick."""
+    import functools
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from adapt_compiler import formats
+    from diffusion_models import kohya_lora
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Diffusion models (diffusers)", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    assert "pipe.unet = ac.compile(pipe.unet, \"style.safetensors\")" in code
+    code = code.replace("num_inference_steps=30", "num_inference_steps=2")
+    pipe = tiny_sd_pipeline(tmp_path)
+    user_unet, user_te = pipe.unet, pipe.text_encoder
+    save_file({**kohya_lora(user_unet, "lora_unet", {"to_q": (4, 4.0), "to_v": (4, 4.0)}, seed=0),
+               **kohya_lora(user_te, "lora_te_text_model", {"q_proj": (2, 2.0)}, seed=1)},
+              tmp_path / "style.safetensors")
+    monkeypatch.setattr(ac, "compile", functools.partial(ac.compile, lowering="eager"))
+    monkeypatch.chdir(tmp_path)
+    scope = {"pipe": pipe, "unet": tiny_unet()}
+    exec(compile(code, "README diffusers section", "exec"), scope)  # noqa: S102 - our own docs
+
+    assert isinstance(pipe.unet, ac.AdaptedModule) and isinstance(pipe.text_encoder, ac.AdaptedModule)
+    assert len(pipe.unet.slots_of("default")) == 16 and len(pipe.text_encoder.slots_of("default")) == 2
+    assert pipe.unet.dtype == torch.float16 and user_unet.dtype == torch.float32
+    assert scope["image"].size == (16, 16)
+    assert formats.detect(tmp_path / "my_style.safetensors")[0] == "kohya"
+    assert formats.detect(tmp_path / "my_style")[0] == "diffusers"

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 import adapt_compiler as ac
 from adapt_compiler import formats
 from adapt_compiler.errors import AdapterError, CheckpointError
-from diffusion_models import diffusers, tiny_sd_pipeline, tiny_sd3, tiny_text_encoder, tiny_unet, unet_inputs, sd3_inputs
+from diffusion_models import (diffusers, kohya_lora, kohya_name, sd3_inputs, tiny_sd3, tiny_sd_pipeline,
+                              tiny_text_encoder, tiny_unet, unet_inputs)
 from oracle import assert_close, randomize_
 
 peft = pytest.importorskip("peft")
@@ -42,30 +43,6 @@ IDS = torch.tensor([[0, 5, 9, 12, 1, 1, 1, 1], [0, 7, 3, 1, 1, 1, 1, 1]])
 
 
 # -- building files the way the tools write them -----------------------------------------------------
-def kohya_name(prefix: str, fqn: str) -> str:
-    return f"{prefix}_{fqn.replace('.', '_')}"
-
-
-def kohya_lora(model, prefix: str, plan: dict, seed: int) -> dict:
-    """kohya LoRA tensors for every module whose last name is in `plan`: leaf -> (rank, alpha or None)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for fqn, mod in model.named_modules():
-        leaf = fqn.split(".")[-1] if not fqn.endswith("to_out.0") else "to_out.0"
-        if leaf not in plan or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        r, alpha = plan[leaf]
-        name = kohya_name(prefix, fqn)
-        kernel = tuple(mod.kernel_size) if isinstance(mod, torch.nn.Conv2d) else ()
-        d_in = mod.in_channels if kernel else mod.in_features
-        d_out = mod.out_channels if kernel else mod.out_features
-        out[f"{name}.lora_down.weight"] = torch.randn(r, d_in, *kernel, generator=g) * 0.2
-        out[f"{name}.lora_up.weight"] = torch.randn(d_out, r, *[1] * len(kernel), generator=g) * 0.2
-        if alpha is not None:
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
 def peft_to_kohya(peft_sd: dict, prefix: str, alphas: dict) -> dict:
     """LyCORIS keys for PEFT LoHa/LoKr tensors (same layouts, LyCORIS names): `fqn.hada_w1_a` ->
     `<prefix>_<fqn with _>.hada_w1_a`; `alphas`: fqn -> alpha (absent: no alpha key)."""
