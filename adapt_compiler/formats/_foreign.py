@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import collections
 import difflib
-import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,10 +157,10 @@ def _patterns(values: dict[str, float], default) -> dict[str, float]:
     return {f"^{fqn}": v for fqn, v in values.items() if v != default}
 
 
-def _rank_and_alpha(mw: ModuleWeights, layer) -> tuple[int, float]:
+def _rank_and_alpha(mw: ModuleWeights) -> tuple[int, float]:
     """(r, alpha) of one module such that alpha / r is the scale its format applies.
 
-    LoRA and LoHa: scale = alpha / rank (alpha absent: 1). LoKr (LyCORIS, diffusers' `_bake_lokr_alpha_`):
+    LoRA and LoHa: scale = alpha / rank (alpha absent or 0: 1, as kohya and LyCORIS read it). LoKr (LyCORIS, diffusers' `_bake_lokr_alpha_`):
     alpha / rank only when a factor is rank-decomposed; with both factors full the scale is 1, so
     such a module gets r = alpha = max(factor dims), which also makes PEFT's rules keep both full."""
     t = mw.tensors
@@ -174,7 +174,16 @@ def _rank_and_alpha(mw: ModuleWeights, layer) -> tuple[int, float]:
         else:
             r = max(*t["lokr_w1"].shape, *t["lokr_w2"].shape[:2])
             return r, float(r)
-    return r, float(mw.alpha) if mw.alpha is not None else float(r)
+    return r, float(mw.alpha) if mw.alpha else float(r)
+
+
+def _exact_targets(fqns: list[str], model: nn.Module):
+    """The module paths as PEFT's `target_modules` (a list: name or dotted suffix, what diffusers writes),
+    or, if a path is also the dotted suffix of another adaptable module, an anchored regex of exactly them."""
+    wanted = set(fqns)
+    if all(not n.endswith("." + f) for n in adaptable_modules(model) if n not in wanted for f in wanted):
+        return list(fqns)
+    return "|".join(re.escape(f) for f in fqns)
 
 
 def _lokr_factor(modules: list[ModuleWeights], layers: dict, where: str) -> int:
@@ -218,10 +227,10 @@ def build_spec(modules: list[ModuleWeights], model: nn.Module, where: str):
     layers = {mw.fqn: describe_layer(mw.fqn, all_modules[mw.fqn]) for mw in modules}
     ranks, alphas = {}, {}
     for mw in modules:
-        ranks[mw.fqn], alphas[mw.fqn] = _rank_and_alpha(mw, layers[mw.fqn])
+        ranks[mw.fqn], alphas[mw.fqn] = _rank_and_alpha(mw)
     r, alpha = _most_common(ranks), _most_common(alphas)
-    common = dict(r=r, alpha=alpha, targets=[mw.fqn for mw in modules], rank_pattern=_patterns(ranks, r),
-                  alpha_pattern=_patterns(alphas, alpha))
+    common = dict(r=r, alpha=alpha, targets=_exact_targets([mw.fqn for mw in modules], model),
+                  rank_pattern=_patterns(ranks, r), alpha_pattern=_patterns(alphas, alpha))
     if name == "lora":
         spec = method.spec_type(**common, use_dora=any("lora_magnitude_vector" in mw.tensors for mw in modules))
     elif name == "loha":
@@ -278,7 +287,3 @@ def fit_shapes(expected: dict, given: dict, layers: dict, where: str) -> dict:
             out[key] = t.reshape(want.shape)
     check_tensors(expected, out, where, "the model")
     return out
-
-
-def config_metadata(config: dict) -> str:
-    return json.dumps(config, sort_keys=True, default=str)

@@ -24,6 +24,7 @@ from ..checkpoint import fit_spec_to_tensors, peft_config, spec_from_config
 from ..errors import AdapterError, CheckpointError
 from ..names import PEFT_PREFIX
 from ..passes import method_for
+from ..passes.match import describe_layer
 from ._foreign import (Group, ModuleWeights, adaptable_modules, build_spec, choose_group, expected_tensors,
                        fit_shapes, write_safetensors)
 
@@ -127,24 +128,19 @@ def resolver(model: nn.Module):
 
 
 def _build(group: Group, model: nn.Module, where: str):
+    """(spec, PEFT-keyed tensors): from diffusers' metadata when the file has it (the LoraConfig /
+    LoKrConfig kwargs diffusers itself loads, so PEFT's semantics), else from the shapes (scale 1)."""
     if group.metadata is None:
         return build_spec(list(group.modules.values()), model, where)
-    # the config diffusers stored beside the weights (LoraConfig / LoKrConfig kwargs): PEFT's semantics
     config = dict(group.metadata)
-    methods = {mw.method for mw in group.modules.values()}
-    config.setdefault("peft_type", "LOKR" if methods == {"lokr"} else "LORA")
+    config.setdefault("peft_type", "LOKR" if {mw.method for mw in group.modules.values()} == {"lokr"} else "LORA")
     spec = spec_from_config(config, f"{where} ({METADATA_KEY})")
     method = method_for(spec)
-    all_modules = dict(model.named_modules())
-    from ..passes.match import describe_layer
-
-    tensors = {}
-    for mw in group.modules.values():
-        layer = describe_layer(mw.fqn, all_modules[mw.fqn])
-        for pname, t in mw.tensors.items():
-            tensors[f"{PEFT_PREFIX}{mw.fqn}.{method.peft_key(pname, layer)}"] = t
+    modules = dict(model.named_modules())
+    layers = {mw.fqn: describe_layer(mw.fqn, modules[mw.fqn]) for mw in group.modules.values()}
+    tensors = {f"{PEFT_PREFIX}{mw.fqn}.{method.peft_key(pname, layers[mw.fqn])}": t
+               for mw in group.modules.values() for pname, t in mw.tensors.items()}
     spec = fit_spec_to_tensors(spec, tensors)
-    layers = {mw.fqn: describe_layer(mw.fqn, all_modules[mw.fqn]) for mw in group.modules.values()}
     return spec, fit_shapes(expected_tensors(spec, model, where), tensors, layers, where)
 
 
