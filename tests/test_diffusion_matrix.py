@@ -93,6 +93,7 @@ def test_outputs_and_gradients_equal_peft(adapted, method):
         assert_close(got[k], want[k], what=f"{name}/{method} grad {k}")
 
 
+@pytest.mark.slow
 def test_inductor_unet_lora_training_step_equals_peft_eager():
     """The default lowering (Inductor) on the UNet2DConditionModel: gradients equal PEFT eager's, and the
     guard's verdict is "passed" (the compiled graph itself was right, no fallback to eager)."""

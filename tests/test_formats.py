@@ -511,3 +511,18 @@ def test_two_text_encoder_parts_that_both_fit_need_component(tmp_path):
     m = ac.compile(te, str(tmp_path / "sdxl_te.safetensors"), lowering="eager", component="text_encoder_2")
     assert torch.equal(m.adapter_state_dict()["base_model.model.encoder.layers.0.self_attn.q_proj.lora_A.weight"],
                        sd["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"])
+
+
+def test_hotswap_from_a_kohya_file(tmp_path):
+    """Serving: another kohya file's weights into the compiled adapter in place (ranks and alphas may differ)."""
+    te = tiny_text_encoder()
+    first = kohya_lora(te, "lora_te_text_model", {"q_proj": (2, 2.0), "v_proj": (2, 2.0)}, seed=0)
+    second = kohya_lora(te, "lora_te_text_model", {"q_proj": (2, 1.0), "v_proj": (2, 5.0)}, seed=1)
+    save_file(first, tmp_path / "first.safetensors")
+    save_file(second, tmp_path / "second.safetensors")
+    m = ac.compile(te, str(tmp_path / "first.safetensors"), lowering="eager")
+    live = list(m.adapter_parameters())
+    m.load_adapter(str(tmp_path / "second.safetensors"), "default", hotswap=True)
+    assert [id(p) for p in m.adapter_parameters()] == [id(p) for p in live]  # same tensors: nothing recompiles
+    want = text_out(lycoris_merged(te, second, "lora_te_text_model"), IDS)
+    assert_close(text_out(m.merged_module(), IDS), want, what="after hotswap")
