@@ -307,6 +307,24 @@ def test_saved_kohya_and_diffusers_files_load_in_diffusers(sd_pipe, tmp_path):
         assert_close(sample(back.merged_module(), args, kwargs), want_unet, what=f"{fmt}: ours -> ours")
 
 
+@pytest.mark.parametrize("spec", [
+    ac.LoRA(r=4, alpha=2, targets=ATTENTION, rank_pattern={"to_out.0": 2}, use_dora=True),
+    ac.LoKr(r=2, alpha=3, targets=ATTENTION, decompose_both=True),
+], ids=["lora-dora", "lokr"])
+def test_saved_diffusers_file_loads_into_a_transformer_with_diffusers(spec, tmp_path):
+    """`transformer.` keys and the config as metadata: diffusers' load_lora_adapter builds the same adapter."""
+    sd3 = tiny_sd3()
+    m = _trained(sd3, spec)
+    m.save_adapter(tmp_path, format="diffusers")
+    assert all(k.startswith("transformer.") for k in load_file(tmp_path / "pytorch_lora_weights.safetensors"))
+    ref = copy.deepcopy(sd3)
+    ref.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+    args, kwargs = sd3_inputs()
+    want = sample(m.merged_module(), args, kwargs)
+    assert_close(sample(ref, args, kwargs), want, what="diffusers loading our file")
+    assert (want - sample(sd3, args, kwargs)).abs().max() > 1e-3
+
+
 def _merged_metadata(folder) -> dict:
     from safetensors import safe_open
 
