@@ -142,3 +142,17 @@ def test_readme_diffusers_section(tmp_path, monkeypatch):
     assert scope["image"].size == (16, 16)
     assert formats.detect(tmp_path / "my_style.safetensors")[0] == "kohya"
     assert formats.detect(tmp_path / "my_style")[0] == "diffusers"
+
+
+def test_inspect_builds_inputs_for_diffusers_models():
+    """`adapt-compiler inspect --model ...` captures one call; for diffusers denoisers and VAEs the example
+    inputs come from the model's config (integrations/diffusers.py), and each model runs on them."""
+    from adapt_compiler.commands.inspect import example_inputs
+    from diffusion_models import tiny_sd3, tiny_unet2d
+
+    for model in (tiny_unet(), tiny_unet2d(), tiny_vae(), tiny_sd3(), tiny_flux()):
+        args, kwargs = example_inputs(model, batch=2, seq=5)
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+        out = out.sample if hasattr(out, "sample") else out[0]
+        assert out.shape[0] == 2 and torch.isfinite(out).all(), type(model).__name__
