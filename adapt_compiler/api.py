@@ -6,7 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
-from . import checkpoint
+from . import formats
+from .checkpoint import load_adapter_state_dict
 from .errors import AdapterError
 from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
@@ -16,16 +17,18 @@ from .module import AdaptedModule
 from .spec import AdapterSpec
 
 
-def _read_specs(spec) -> dict:
-    """name -> (spec, checkpoint tensors or None, sub-adapters or None, where) from a spec, a dict
-    of specs, or a PEFT dir; directories are read and validated here, before anything is built."""
+def _read_specs(spec, model: nn.Module, component: str | None = None) -> dict:
+    """name -> (spec, checkpoint tensors or None, sub-adapters or None, where) from a spec, a dict of
+    specs, or adapter paths (a PEFT dir, a kohya/LyCORIS or diffusers file: formats/); paths are read and
+    validated against `model` here, before anything is built."""
     def one(name, s):
         if isinstance(s, (str, Path)):
-            found, tensors, sub = checkpoint.read_adapter(s)
+            found, tensors, sub = formats.read_adapter(s, model, component)
             return found, tensors, sub, str(s)
         if isinstance(s, AdapterSpec):
             return s, None, None, None
-        raise AdapterError(f"compile(): adapter {name!r} is a {type(s).__name__}; expected a spec or a PEFT dir.")
+        raise AdapterError(f"compile(): adapter {name!r} is a {type(s).__name__}; expected a spec or an adapter "
+                           f"path (a PEFT dir, a kohya/LyCORIS or diffusers .safetensors file).")
 
     if isinstance(spec, (str, Path, AdapterSpec)):
         return {"default": one("default", spec)}
@@ -38,8 +41,12 @@ def _read_specs(spec) -> dict:
 
 
 def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None, lowering: str = "inductor",
-            adapter_name: str | None = None, verify: bool = True) -> AdaptedModule:
+            adapter_name: str | None = None, verify: bool = True, component: str | None = None) -> AdaptedModule:
     """Adapt `model` with `spec`. The model itself is never modified.
+
+    `spec` may be an adapter path: a PEFT directory, or a kohya/LyCORIS or diffusers .safetensors file
+    (formats/). A single file can hold adapters for several models of a pipeline; the part that fits
+    `model` is used, or the one `component=` names ("unet", "transformer", "text_encoder", ...).
 
     `verify` (default on): the first call of each compiled graph is checked against the eager
     graph (outputs, and in training every adapter gradient); a graph that disagrees falls back to
@@ -49,14 +56,14 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     if lowering not in LOWERINGS and not callable(lowering):
         raise AdapterError(f"compile(): lowering={lowering!r} is not one of {LOWERINGS} or a torch.compile backend "
                            f"(a callable).")
-    read = _read_specs(spec)
+    read = _read_specs(spec, model, component)
     if adapter_name is not None and len(read) == 1:
         read = {adapter_name: next(iter(read.values()))}
     m = AdaptedModule(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
                       sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify)
     for name, (_, tensors, _, where) in read.items():
         if tensors is not None:
-            checkpoint.load_adapter_state_dict(m.table, tensors, name, where=where)
+            load_adapter_state_dict(m.table, tensors, name, where=where)
     if merge:
         m.merge()
         m.eval()

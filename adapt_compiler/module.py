@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from . import checkpoint, pipeline
+from . import checkpoint, formats, pipeline
 from .capture import Captured, fits, signature
 from .counters import COUNTERS
 from .errors import AdapterError
+from .integrations.diffusers import DiffusersModelAttributes
 from .integrations.hf_model import HFModelAttributes
 from .lowering import lowering_name
 from .lowering import merge as merging
@@ -54,7 +55,7 @@ class _Disabled(contextlib.AbstractContextManager):
         return False
 
 
-class AdaptedModule(HFModelAttributes, nn.Module):
+class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
                  verify: bool = True):
         super().__init__()
@@ -378,11 +379,17 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         return merging.merged_copy(self.table, self._originals if self._merged else None)
 
     # -- adapters as files -------------------------------------------------------------------
-    def save_adapter(self, path, adapter_name: str | None = None) -> None:
-        checkpoint.save_adapter(self.table, path, adapter_name)
+    def save_adapter(self, path, adapter_name: str | None = None, format: str = "peft",
+                     component: str | None = None) -> None:
+        """format: "peft" (a directory PEFT loads), "kohya" (a kohya/LyCORIS .safetensors file) or
+        "diffusers" (save_lora_weights' layout); `component`: the pipeline model it is for (default from
+        the model's class: "unet", "transformer", "text_encoder")."""
+        formats.save_adapter(self.table, path, adapter_name, format=format, component=component)
 
-    def load_adapter(self, path, adapter_name: str = "default", hotswap: bool = False) -> None:
-        spec, tensors, sub = checkpoint.read_adapter(path)  # read and validated before anything changes
+    def load_adapter(self, path, adapter_name: str = "default", hotswap: bool = False,
+                     component: str | None = None) -> None:
+        # read and validated before anything changes; single-file formats against the model (formats/)
+        spec, tensors, sub = formats.read_adapter(path, self._model, component)
         if hotswap:
             checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
             return

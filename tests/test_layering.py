@@ -7,7 +7,7 @@ it does not remove it). Layers, lowest first; a module may import its own layer 
     spec        spec
     capture     capture
     passes      passes.*                  (never lowering, pipeline, module)
-    checkpoint  checkpoint
+    checkpoint  checkpoint, formats.*   (PEFT dirs; kohya/LyCORIS and diffusers files)
     lowering    lowering.*                (never module)
     pipeline    pipeline, report, graph_view
     integrations integrations.*       (ecosystem glue: what HF clients read from a model)
@@ -34,7 +34,7 @@ LAYERS = [
     ("spec", ("spec",)),
     ("capture", ("capture",)),
     ("passes", ("passes",)),
-    ("checkpoint", ("checkpoint",)),
+    ("checkpoint", ("checkpoint", "formats")),
     ("lowering", ("lowering",)),
     ("pipeline", ("pipeline", "report", "graph_view")),
     ("integrations", ("integrations",)),

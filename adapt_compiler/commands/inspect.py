@@ -2,11 +2,14 @@
 
     adapt-compiler inspect --model llama --spec 'LoRA(r=8, targets=["q_proj", "v_proj"])'
     adapt-compiler inspect --model config.json --adapter path/to/peft_dir --unmatched
+    adapt-compiler inspect --adapter style.safetensors          # a kohya/LyCORIS or diffusers file, no model
+    adapt-compiler inspect --model python:my_pkg:build_unet --adapter style.safetensors
     adapt-compiler inspect --model python:my_pkg.models:build --spec 'LoHa(r=4, targets=["conv1"])' \\
         --graph conv1 --out conv1.png --dot graph.dot
 
-The model is built (random weights: only its structure matters), compiled with the spec or PEFT
-directory, and captured once with a small example input built from its config, because the cost
+An adapter file (kohya/LyCORIS, diffusers) is described first: its format, the parts it holds for each
+model of a pipeline, method, ranks, alphas and module names; without --model that is all. The model is
+built (random weights: only its structure matters), compiled with the spec or adapter, and captured once with a small example input built from its config, because the cost
 model chooses each layer's evaluation order for a captured graph. Then the report table is printed.
 
 `example_inputs` is reusable by other subcommands; models come from `commands/_models.py`.
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..integrations.diffusers import example_inputs as diffusers_example_inputs
 from ._models import MODEL_HELP, load_model
 
 
@@ -29,6 +33,9 @@ def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, input_shape=N
     g = torch.Generator().manual_seed(0)
     if input_shape:
         return (torch.randn(*input_shape, generator=g),), {}
+    denoiser = diffusers_example_inputs(model, batch=batch, seq=seq)
+    if denoiser is not None:
+        return denoiser
     params = pyinspect.signature(model.forward).parameters
     config = getattr(model, "config", None)
     if "input_ids" in params:
@@ -88,9 +95,9 @@ def parse_spec(text: str):
 def add_parser(sub):
     p = sub.add_parser("inspect", help="show which layers a spec adapts, its parameters and the chosen lowering",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", help=MODEL_HELP + " (optional with --adapter FILE: the file alone is described)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--adapter", help="a PEFT adapter directory (adapter_config.json + weights)")
+    what.add_argument("--adapter", help="a PEFT adapter directory, or a kohya/LyCORIS or diffusers .safetensors file")
     what.add_argument("--spec", help="a Python expression, e.g. 'LoRA(r=8, targets=[\"q_proj\"])' or a dict of them")
     p.add_argument("--unmatched", action="store_true", help="also list layers of the targeted kinds left out")
     p.add_argument("--graph", metavar="LAYER", help="draw the adapted subgraph around LAYER (a name or suffix)")
@@ -123,6 +130,7 @@ def inspect_model(model: nn.Module, spec, *, train: bool = False, batch: int = 2
 def run(args) -> int:
     from rich.console import Console
 
+    from ..formats import describe, detect
     from ..graph_view import draw_layer, write_dot
     from ..progress import quiet
 
@@ -130,6 +138,13 @@ def run(args) -> int:
     if not console.is_terminal:  # a pipe or a file: wide enough that layer names stay on one line
         console = Console(width=max(console.width, 160))
     with quiet(args.quiet):
+        if args.adapter and detect(args.adapter)[0] != "peft":
+            for line in describe(args.adapter):
+                console.print(line, markup=False, highlight=False)
+        if args.model is None:
+            if not args.adapter:
+                raise AdapterError("--model is needed with --spec (the spec is applied to a model).")
+            return 0
         model = load_model(args.model)
         spec = args.adapter if args.adapter else parse_spec(args.spec)
         shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
