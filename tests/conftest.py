@@ -11,10 +11,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes on CPU (an Inductor compile of a whole model); -m 'not slow' skips")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
