@@ -50,8 +50,8 @@ class _Entry:
     """The graphs of one capture (mode + input structure), built and lowered lazily per variant."""
 
     captured: Captured
-    graphs: dict = field(default_factory=dict)  # variant -> GraphModule
-    lowered: dict = field(default_factory=dict)  # variant -> callable
+    graphs: dict = field(default_factory=dict)  # (variant, recompute key) -> GraphModule
+    lowered: dict = field(default_factory=dict)  # (variant, recompute key) -> callable
 
 
 class _Disabled(contextlib.AbstractContextManager):
@@ -313,7 +313,7 @@ class AdaptedModule(HFModelAttributes, PeftSurface, CheckpointingSurface, nn.Mod
         """forward under Dynamo: no capture, no nested torch.compile; the already-built graph is inlined."""
         entry = self._traced.get(_structure_key(self.training, args, kwargs, root))
         variant = self._variant(adapter_names)
-        gm = None if entry is None else entry.graphs.get(variant)
+        gm = None if entry is None else entry.graphs.get(self._graph_key(variant))
         if gm is None:
             raise AdapterError(
                 f"torch.compile(AdaptedModule): no {variant!r} graph for these inputs yet; call the module once "
@@ -348,14 +348,21 @@ class AdaptedModule(HFModelAttributes, PeftSurface, CheckpointingSurface, nn.Mod
         return entry
 
     def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:
-        if variant not in entry.graphs:
-            entry.graphs[variant] = pipeline.build(entry.captured, self.table, variant)
-        return entry.graphs[variant]
+        key = self._graph_key(variant)
+        if key not in entry.graphs:
+            entry.graphs[key] = pipeline.build(entry.captured, self.table, variant)
+        return entry.graphs[key]
+
+    def _graph_key(self, variant: str) -> tuple:
+        """A capture's graphs differ by variant and, in training, by the checkpointing settings
+        (toggling them, as TRL's DPO does around its reference pass, finds the graphs built before)."""
+        return variant, self.table.recompute.key() if self.training else None
 
     def _lowered(self, entry: _Entry, variant: str):
-        if variant not in entry.lowered:
-            entry.lowered[variant] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
-        return entry.lowered[variant]
+        key = self._graph_key(variant)
+        if key not in entry.lowered:
+            entry.lowered[key] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
+        return entry.lowered[key]
 
     def capture(self, args=(), kwargs=None) -> None:
         """Capture and build the graph for this input structure in the current mode now, not on the first call."""
@@ -495,8 +502,8 @@ class AdaptedModule(HFModelAttributes, PeftSurface, CheckpointingSurface, nn.Mod
         out = []
         for (_, training, _), entries in self._graphs.items():
             for i, entry in enumerate(entries):
-                for variant, fn in entry.lowered.items():
-                    gm = entry.graphs[variant]
+                for (variant, _), fn in entry.lowered.items():
+                    gm = entry.graphs[variant, _]
                     if "ac_guard" in gm.meta:
                         out.append((f"{'train' if training else 'eval'}/{variant}#{i}", gm.meta["ac_guard"]))
         return out

@@ -56,6 +56,11 @@ class Recompute:
     memory_budget: float | None = None
     by_blocks: bool = True  # the lowering cannot take a memory budget itself (not Inductor)
 
+    def key(self) -> tuple:
+        """Part of a training graph's cache key (module.py `_graph_key`): switching checkpointing off
+        and on again (TRL's DPO does it around every reference pass) finds the graphs built before."""
+        return self.mode, self.every_n_layers, tuple(sorted(self.options.items())), self.memory_budget, self.by_blocks
+
 
 @dataclass(eq=False)
 class AdapterTable:

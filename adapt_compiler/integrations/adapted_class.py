@@ -26,9 +26,9 @@ Why a class per model class:
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
+
+from .hf_model import forward_signature
 
 _CLASSES: dict = {}  # (base, model class, with_peft) -> the class
 
@@ -50,21 +50,6 @@ def adapted_class(base: type, model_cls: type, with_peft: bool | None = None) ->
     if key not in _CLASSES:
         _CLASSES[key] = _make(base, model_cls, peft_cls)
     return _CLASSES[key]
-
-
-def forward_signature(model_cls: type) -> inspect.Signature:
-    """The model class's forward signature (self first) with keyword-only `adapter_names` added
-    before any `**kwargs`."""
-    try:
-        sig = inspect.signature(model_cls.forward)
-    except (TypeError, ValueError):
-        sig = inspect.signature(lambda self, *args, **kwargs: None)
-    params = list(sig.parameters.values())
-    if "adapter_names" not in sig.parameters:
-        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-        params.insert(at, extra)
-    return sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
 
 
 def _make(base: type, model_cls: type, peft_cls) -> type:

@@ -33,7 +33,9 @@ def checkpoint_options(kwargs: dict | None, where: str) -> dict:
 
 
 class CheckpointingSurface:
-    """Mixin for AdaptedModule: expects `self.table` and `self.invalidate_graphs()`."""
+    """Mixin for AdaptedModule: expects `self.table`. The settings are part of the training graphs'
+    cache key (table.Recompute.key), so toggling them (TRL's DPO does, around its reference pass)
+    reuses the graphs built for each setting."""
 
     supports_gradient_checkpointing = True
 
@@ -51,13 +53,11 @@ class CheckpointingSurface:
             )
         options = checkpoint_options(activation_checkpointing_kwargs, where)
         rc = self.table.recompute
-        rc.mode, rc.every_n_layers, rc.options = "on", every_n_layers, options
-        self.invalidate_graphs()
+        rc.mode, rc.every_n_layers, rc.options = "on", every_n_layers, options  # part of the graph cache key
 
     def activation_checkpointing_disable(self) -> None:
         """No recompute, whatever the user's model's own flag says."""
         self.table.recompute.mode = "off"
-        self.invalidate_graphs()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """PEFT's and transformers < 5's spelling of activation_checkpointing_enable."""

@@ -56,6 +56,21 @@ def read_through(model: nn.Module, name: str, owner: str):
     return value
 
 
+def forward_signature(model_cls: type) -> inspect.Signature:
+    """The model class's forward signature (self first) with keyword-only `adapter_names` added
+    before any `**kwargs`."""
+    try:
+        sig = inspect.signature(model_cls.forward)
+    except (TypeError, ValueError):
+        sig = inspect.signature(lambda self, *args, **kwargs: None)
+    params = list(sig.parameters.values())
+    if "adapter_names" not in sig.parameters:
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+        params.insert(at, extra)
+    return sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+
+
 class HFModelAttributes:
     """Mixin for AdaptedModule: expects `self.table` (table.py)."""
 

@@ -33,8 +33,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..names import slot_key
-from .adapted_class import forward_signature
-from .hf_model import read_through
+from .hf_model import forward_signature, read_through
 
 _VIEW_CLASSES: dict = {}  # model class -> view class
 
