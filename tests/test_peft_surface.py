@@ -254,7 +254,9 @@ TOL = {torch.bfloat16: dict(rtol=2e-2, atol=1e-2), torch.float16: dict(rtol=2e-3
 
 
 @pytest.mark.parametrize("what,move,dtype,called", MOVES, ids=[m[0] for m in MOVES])
-def test_dtype_moves_match_peft_in_that_dtype(what, move, dtype, when):
+def test_dtype_moves_match_peft_in_that_dtype(what, move, dtype, called):
+    """The frozen base, the adapters and the graphs move (re-captured at the new dtype), before or
+    after the first call; PEFT's model moved the same way is the reference."""
     base = tiny_llama()
     pm = peft_twin(base, _peft_cfg())
     randomize_(pm, ("lora_",))
