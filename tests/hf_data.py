@@ -63,3 +63,40 @@ def tiny_lm(seed: int = 0, layers: int = 2):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
                       bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
+
+
+CLIENTS = ("/transformers/", "/trl/", "/accelerate/", "/peft/")
+
+
+class AccessLog:
+    """Which attributes transformers / TRL / accelerate / peft code reads from an AdaptedModule and
+    from its get_base_model() view while a real client runs (the instances' classes are swapped for
+    recording subclasses inside the `with` block)."""
+
+    def __init__(self, m):
+        self.m, self.view = m, m.get_base_model()
+        self.seen: dict[str, set] = {"module": set(), "view": set()}
+
+    def _recording(self, obj, tag):
+        seen = self.seen[tag]
+        cls = type(obj)
+
+        def __getattribute__(self, name):
+            import sys
+
+            caller = sys._getframe(1).f_code.co_filename
+            if any(c in caller for c in CLIENTS):
+                seen.add(name)
+            return cls.__getattribute__(self, name)
+
+        return type(f"Recorded{cls.__name__}", (cls,), {"__getattribute__": __getattribute__})
+
+    def __enter__(self):
+        self.classes = type(self.m), type(self.view)
+        self.m.__class__ = self._recording(self.m, "module")
+        self.view.__class__ = self._recording(self.view, "view")
+        return self
+
+    def __exit__(self, *exc):
+        self.m.__class__, self.view.__class__ = self.classes
+        return False
