@@ -13,6 +13,7 @@ from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
 from .lowering import LOWERINGS
 from .lowering.backend import make_backend
+from .integrations.adapted_class import adapted_class
 from .module import AdaptedModule
 from .spec import AdapterSpec
 
@@ -41,7 +42,8 @@ def _read_specs(spec, model: nn.Module, component: str | None = None) -> dict:
 
 
 def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None, lowering: str = "inductor",
-            adapter_name: str | None = None, verify: bool = True, component: str | None = None) -> AdaptedModule:
+            adapter_name: str | None = None, verify: bool = True, component: str | None = None,
+            memory_budget: float | None = None) -> AdaptedModule:
     """Adapt `model` with `spec`. The model itself is never modified.
 
     `spec` may be an adapter path: a PEFT directory, or a kohya/LyCORIS or diffusers .safetensors file
@@ -50,17 +52,32 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
 
     `verify` (default on): the first call of each compiled graph is checked against the eager
     graph (outputs, and in training every adapter gradient); a graph that disagrees falls back to
-    eager with a CompilerMismatchWarning. Costs one eager step per new graph."""
+    eager with a CompilerMismatchWarning. Costs one eager step per new graph.
+
+    `memory_budget` (0 < b <= 1, default None = no limit): the share of activation memory a training
+    step may keep; the rest is recomputed in the backward (Inductor: AOTAutograd's activation
+    memory budget; eager: that share of the repeated blocks keeps its activations, the rest is
+    checkpointed). Gradient checkpointing proper: `m.gradient_checkpointing_enable()`, or the model's
+    own flag set before compile.
+
+    Returns an instance of `Adapted<ModelClass>` (a subclass of AdaptedModule, and of
+    peft.PeftModel when peft is installed: integrations/adapted_class.py)."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"compile(): model must be a torch.nn.Module, got {type(model).__name__}.")
     if lowering not in LOWERINGS and not callable(lowering):
         raise AdapterError(f"compile(): lowering={lowering!r} is not one of {LOWERINGS} or a torch.compile backend "
                            f"(a callable).")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
+                                      or not 0 < memory_budget <= 1):
+        raise AdapterError(f"compile(): memory_budget={memory_budget!r} must be a number in (0, 1] (the share of "
+                           f"activation memory a training step keeps), or None.")
     read = _read_specs(spec, model, component)
     if adapter_name is not None and len(read) == 1:
         read = {adapter_name: next(iter(read.values()))}
-    m = AdaptedModule(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
-                      sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify)
+    cls = adapted_class(AdaptedModule, type(model))
+    m = cls(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
+            sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify,
+            memory_budget=None if memory_budget is None else float(memory_budget))
     for name, (_, tensors, _, where) in read.items():
         if tensors is not None:
             load_adapter_state_dict(m.table, tensors, name, where=where)

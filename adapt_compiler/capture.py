@@ -3,11 +3,20 @@
 Batch and sequence dims are `Dim.AUTO`, so one capture serves every batch size and length; dims
 that export specialises (e.g. an image's height) are recorded and checked on every call, and a
 call that does not fit triggers a new capture instead of a wrong answer.
+
+Keyword inputs: any keyword the model's forward accepts, including ones that land in its
+`**kwargs` (HF's `num_items_in_batch`, `output_hidden_states`, ...). Python scalars (bools, ints,
+floats, strings, None) are part of the capture's key by value: a model may branch on them, or on
+their type (Llama's `logits_to_keep` is a count as an int and an index tensor otherwise, so a
+symbolic int would silently select instead of slice). Scalars whose value never changes the
+graph are passed as tensors instead, before they reach this module (integrations/hf_model.py,
+`lift_scalar_inputs`), so their values share one capture.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import re
 from dataclasses import dataclass
@@ -29,6 +38,7 @@ class Captured:
     in_spec: pytree.TreeSpec
     static_dims: tuple[tuple[tuple[int, int], ...], ...]  # per flat input: ((dim, size), ...) export fixed
     training: bool
+    root: str = ""  # the submodule captured ("" = the whole model); get_attr targets are full FQNs anyway
 
 
 def signature(args: tuple, kwargs: dict):
@@ -97,19 +107,67 @@ def _explain(model: nn.Module, err: Exception) -> str:
     )
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors: dict | None = None) -> Captured:
+def check_arguments(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise a CaptureError naming an input the model's forward does not take (before export turns
+    it into an unreadable trace)."""
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as err:
+        names = [p for p in inspect.signature(model.forward).parameters]
+        raise CaptureError(
+            f"{type(model).__name__}.forward does not take these inputs: {err}. It takes: {', '.join(names)}. "
+            f"Fix: pass only inputs the model accepts (with transformers.Trainer: remove the column, or set "
+            f"label_names to the model's label argument)."
+        ) from None
+
+
+def _exportable(model: nn.Module, kwargs: dict) -> nn.Module:
+    """`model`, or, when some keywords go to its `**kwargs`, a shallow alias of it whose forward
+    names them. torch.export (2.13) lays `**kwargs` entries out twice when it matches dynamic
+    shapes to inputs ("Must provide a tree_name when there might be a mismatch"); a forward that
+    names every keyword has no `**kwargs` to lay out. The alias shares the model's submodules,
+    parameters and hooks (same dicts), so the graph's FQNs are the model's; the model itself is
+    not touched."""
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())
+    named = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    extra = [k for k in kwargs if k not in named]
+    if not extra or not any(p.kind is p.VAR_KEYWORD for p in params):
+        return model
+    flat = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    flat += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+    alias = copy.copy(model)  # a new object over the same __dict__ values
+    forward = model.forward
+
+    def named_forward(*a, **k):
+        return forward(*a, **k)
+
+    named_forward.__signature__ = sig.replace(parameters=flat)
+    alias.forward = named_forward
+    return alias
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors: dict | None = None,
+            root: str = "") -> Captured:
     """Export `model` in the given mode. Never changes the model: its mode flags are restored, and
     `tensors` (FQN -> the frozen tensors the graph will run with, e.g. after `m.half()`) stand in
     for its parameters and buffers only while it is traced, so the graph bakes their dtypes and
-    devices in, not those of the user's tensors."""
+    devices in, not those of the user's tensors. `root`: capture only that submodule (e.g. the
+    backbone `"model"` of a causal LM); the graph still names tensors by their FQN in `model`."""
     args, kwargs = tuple(args), dict(kwargs)
-    swapped = _reparametrize_module(model, tensors) if tensors else contextlib.nullcontext()
+    target = model.get_submodule(root) if root else model
+    check_arguments(target, args, kwargs)
+    if tensors and root:
+        tensors = {k[len(root) + 1:]: v for k, v in tensors.items() if k.startswith(root + ".")}
+    swapped = _reparametrize_module(target, tensors) if tensors else contextlib.nullcontext()
     with _mode(model, training), swapped:
         try:
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+            exported = _exportable(target, kwargs)
+            ep = torch.export.export(exported, args, kwargs, strict=False,
+                                     dynamic_shapes=_dynamic_shapes(exported, args, kwargs))
         except Exception as err:  # noqa: BLE001 - re-raised with the module and the fix
-            raise CaptureError(_explain(model, err)) from err
-    unlifted = ep.module()
+            raise CaptureError(_explain(target, err)) from err
+    unlifted = _rooted_at(ep.module(), root)
     # a plain GraphModule (export's wrapper refuses train()/eval()); keeps the pytree codegen
     gm = fx.GraphModule(unlifted, unlifted.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -121,4 +179,23 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors
         else:
             static.append(())
     _, in_spec = pytree.tree_flatten((args, kwargs))
-    return Captured(gm, in_spec, tuple(static), training)
+    return Captured(gm, in_spec, tuple(static), training, root)
+
+
+def _rooted_at(unlifted: fx.GraphModule, root: str) -> fx.GraphModule:
+    """A submodule's graph with every get_attr target prefixed by the submodule's path, so that
+    the pipeline finds the frozen tensors and adapter slots by their FQN in the whole model."""
+    if not root:
+        return unlifted
+    holder = nn.Module()
+    parent = holder
+    *parents, leaf = root.split(".")
+    for part in parents:
+        parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, unlifted)
+    graph = unlifted.graph
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            node.target = f"{root}.{node.target}"
+    return fx.GraphModule(holder, graph)  # the same Graph object: its pytree calling convention stays

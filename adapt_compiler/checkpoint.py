@@ -290,6 +290,28 @@ def hotswap(table, name: str, new_spec, tensors: dict, where: str, merged: bool)
         method.fold_hotswap(old, new_spec, slot.layer, slot.adapters[name].as_dict())
 
 
+def overwrite(table, name: str, spec, tensors: dict, sub: dict, where: str, merged: bool) -> None:
+    """Load a checkpoint into the existing adapter `name`, in place: the same tensor objects, so an
+    optimizer built on them and every compiled graph stay valid (PeftModel.load_adapter with an
+    existing name; transformers.Trainer resumes adapters this way). The checkpoint must be of the
+    same adapter config; everything is validated before any tensor is copied."""
+    if merged and name in table.active:
+        raise AdapterError(f"load_adapter: adapter {name!r} is merged into the weights; unmerge() first.")
+    changed = sorted(_changed(table.specs[name], spec) - _TARGETING)
+    if changed:
+        raise AdapterError(
+            f"load_adapter: {where} holds a different config than adapter {name!r} ({', '.join(changed)} differ); "
+            f"load it under a new adapter_name, or with hotswap=True to replace its weights in the compiled shape."
+        )
+    expected = adapter_state_dict(table, name, live=True)
+    given = _normalise_keys(table, name, tensors)
+    check_tensors(expected, given, where, f"adapter {name!r}")
+    method = method_for(table.specs[name])
+    if isinstance(method, GraphMethod) and sub:
+        load_sub_adapters(table, method, name, sub)  # validates all of them before copying any
+    copy_tensors(expected, given)
+
+
 # -- writing ----------------------------------------------------------------------------------
 def peft_config(table, name: str, spec=None) -> dict:
     spec = spec if spec is not None else table.specs[name]
@@ -328,12 +350,15 @@ def _write_temp(path: Path, write) -> str:
     return tmp
 
 
-def _payloads(table, root: Path, names: list[str]) -> list[tuple[Path, dict, dict]]:
-    """(directory, tensors, config) of every folder a save writes: each adapter (the first in
-    `root`, others in `root/<name>/`) and each graph method's sub-adapters in `<its dir>/<sub>/`."""
+def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Path, dict, dict]]:
+    """(directory, tensors, config) of every folder a save writes: each adapter (layout "first":
+    the first in `root`, others in `root/<name>/`; layout "peft": PeftModel.save_pretrained's, the
+    adapter named "default" in `root`, every other in `root/<name>/`) and each graph method's
+    sub-adapters in `<its dir>/<sub>/`."""
     out = []
     for i, n in enumerate(names):
-        target = root if i == 0 else root / n
+        at_root = n == "default" if layout == "peft" else i == 0
+        target = root if at_root else root / n
         config = peft_config(table, n)
         method = method_for(table.specs[n])
         subs = method.sub_adapter_state(table, n) if isinstance(method, GraphMethod) else {}
@@ -348,16 +373,20 @@ def _payloads(table, root: Path, names: list[str]) -> list[tuple[Path, dict, dic
     return out
 
 
-def save_adapter(table, path, adapter_name: str | None = None) -> None:
-    """PEFT layout: the first (or named) adapter in `path`, any others in `path/<name>/`."""
-    names = [adapter_name] if adapter_name else list(table.specs)
+def save_adapter(table, path, adapter_name: str | list[str] | None = None, layout: str = "first") -> None:
+    """PEFT's files: the first (or named) adapter in `path`, any others in `path/<name>/`
+    (`layout="peft"`: the one named "default" in `path`, see _payloads)."""
+    if adapter_name is None:
+        names = list(table.specs)
+    else:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for n in names:
         if n not in table.specs:
             raise AdapterError(f"save_adapter: no adapter named {n!r}; known: {list(table.specs)}.")
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a directory; choose a directory path.")
-    payloads = _payloads(table, root, names)
+    payloads = _payloads(table, root, names, layout)
     for target, *_ in payloads:  # fail before writing anything
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -385,3 +414,8 @@ def save_adapter(table, path, adapter_name: str | None = None) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file via a temporary file and a rename (never half-written)."""
+    os.replace(_write_temp(Path(path), lambda tmp: Path(tmp).write_text(text)), path)

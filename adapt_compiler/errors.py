@@ -21,3 +21,9 @@ class CaptureError(AdapterError):
 
 class ExportError(AdapterError):
     """An export, package or ONNX conversion that cannot be done as asked."""
+
+
+class AdapterAttributeError(AdapterError, AttributeError):
+    """An attribute an AdaptedModule refuses on purpose (a PeftModel member that would run the wrong
+    model, or a submodule of the user's model that would run without adapters). Being an
+    AttributeError, `hasattr()` and `getattr(m, name, default)` treat it as missing."""

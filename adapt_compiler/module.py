@@ -5,6 +5,10 @@ share storage with the user's tensors; merge swaps in new tensors and keeps the 
 unmerge restores them bit-for-bit without arithmetic. Everything the compiler reads lives in the
 `AdapterTable` (`self.table`); graphs are built by `pipeline.build` and cached here per mode and
 input structure, one per variant.
+
+What Hugging Face clients read (config, the PeftModel surface, checkpointing, Trainer checks) lives
+in `integrations/`, mixed in below; `ac.compile` returns an instance of a per-model subclass
+(`integrations/adapted_class.py`) whose forward carries the model's signature.
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ from . import checkpoint, formats, pipeline
 from .capture import Captured, fits, signature
 from .counters import COUNTERS
 from .errors import AdapterError
+from .integrations.adapted_class import adapted_class
+from .integrations.checkpointing import CheckpointingSurface
 from .integrations.diffusers import DiffusersModelAttributes
-from .integrations.hf_model import HFModelAttributes
+from .integrations.hf_model import HFModelAttributes, lift_scalar_inputs
+from .integrations.model_view import routed_forward
+from .integrations.peft_surface import PeftSurface, autocast_adapter, check_load_options, spec_of
+from .integrations.trainer import check_driving_trainer
 from .lowering import lowering_name
 from .lowering import merge as merging
 from .lowering.mixed import check_adapter_names
@@ -42,8 +51,8 @@ class _Entry:
     """The graphs of one capture (mode + input structure), built and lowered lazily per variant."""
 
     captured: Captured
-    graphs: dict = field(default_factory=dict)  # variant -> GraphModule
-    lowered: dict = field(default_factory=dict)  # variant -> callable
+    graphs: dict = field(default_factory=dict)  # (variant, recompute key) -> GraphModule
+    lowered: dict = field(default_factory=dict)  # (variant, recompute key) -> callable
 
 
 class _Disabled(contextlib.AbstractContextManager):
@@ -55,10 +64,10 @@ class _Disabled(contextlib.AbstractContextManager):
         return False
 
 
-class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
+class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, CheckpointingSurface, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
-                 verify: bool = True):
-        super().__init__()
+                 verify: bool = True, memory_budget: float | None = None):
+        nn.Module.__init__(self)  # not super(): with PeftModel as a base (adapted_class.py) its __init__ must not run
         if not specs:
             raise AdapterError("compile(): no adapter spec given; pass e.g. ac.LoRA(r=8, targets=[...]).")
         self.__dict__["_model"] = model  # not a child: its params are not ours
@@ -72,10 +81,12 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
         self.__dict__["table"] = AdapterTable(model, self._freeze_base(model), AdapterState(), self.slots,
                                               self.saved, self.graph_adapters, self.shared)
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
-        self._graphs: dict = {}  # (training, input signature) -> [_Entry]
+        self._graphs: dict = {}  # (root, training, input signature) -> [_Entry]; root "" = the whole model
         self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
         self._enabled = True
         self._merged = False
+        self.table.recompute.memory_budget = memory_budget
+        self.table.recompute.by_blocks = lowering != "inductor"  # Inductor takes the budget itself
         for name, spec in specs.items():
             self.add_adapter(name, spec, (sub_adapters or {}).get(name))
         self.set_adapter(next(iter(specs)))
@@ -107,17 +118,28 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
         """`.to(dtype/device)`, `.half()`, `.double()`, ...: the frozen base copies, the adapters and
         the kept originals of a merge move together; the user's model does not. Graphs are
         captured again (the captured one baked the old dtypes and devices in)."""
+        before = [(t.dtype, t.device) for t in self.table.frozen.values()]
         super()._apply(fn, recurse)
         frozen = self.table.frozen
         for fqn, name in self._base_names.items():  # buffers are new tensor objects after _apply
             frozen[fqn] = getattr(self.base, name)
         self._originals = {k: fn(v) for k, v in self._originals.items()}
-        self.invalidate_graphs()
+        if before != [(t.dtype, t.device) for t in frozen.values()]:  # Trainer's .to(device) on the same device
+            self.invalidate_graphs()
         return self
 
-    def add_adapter(self, name: str, spec, sub_adapters: dict | None = None) -> None:
+    def add_adapter(self, name: str, spec, sub_adapters: dict | None = None, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Create an adapter's parameters now (users build the optimizer before the first call).
-        `sub_adapters`: a graph method's sub-adapters as read by checkpoint.read_sub_adapters."""
+        `spec`: an adapter spec, or a peft.PeftConfig (PEFT's spelling; then, as in PEFT, a float16/
+        bfloat16 adapter is made float32 unless autocast_adapter_dtype=False). The new adapter is
+        not activated. `sub_adapters`: a graph method's sub-adapters (checkpoint.read_sub_adapters)."""
+        spec, from_peft = spec_of(spec)
+        self._add_adapter(name, spec, sub_adapters)
+        if from_peft and autocast_adapter_dtype:
+            autocast_adapter(self.table, name)
+
+    def _add_adapter(self, name: str, spec, sub_adapters: dict | None = None) -> None:
         if not isinstance(name, str) or not name or "." in name:
             raise AdapterError(f"adapter name {name!r} must be a non-empty string without dots.")
         if name in self.state.specs:
@@ -224,7 +246,8 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
     def active_adapters(self) -> tuple[str, ...]:
         return self.state.active
 
-    def set_adapter(self, names) -> None:
+    def set_adapter(self, names, inference_mode: bool = False) -> None:
+        """Activate these adapters; their tensors require grad (unless `inference_mode`), the others are frozen."""
         names = (names,) if isinstance(names, str) else tuple(names)
         unknown = [n for n in names if n not in self.state.specs]
         if unknown:
@@ -233,7 +256,7 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
             raise AdapterError("set_adapter: unmerge() first; the weights hold the merged adapter.")
         self.state.active = names
         for name, p in self._adapter_tensors():
-            p.requires_grad_(name in names)
+            p.requires_grad_(name in names and not inference_mode)
 
     def _adapter_tensors(self):
         for name, _, _, p in self.table.tensors():
@@ -260,10 +283,21 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names=None, **kwargs):
+        routed = routed_forward(self)  # a client replaced get_base_model().forward (TRL): PeftModel calls it
+        if routed is not None and not torch.compiler.is_compiling():
+            extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+            return routed(*args, **extra, **kwargs)
+        return self._forward_at("", args, kwargs, adapter_names)
+
+    def _forward_at(self, root: str, args: tuple, kwargs: dict, adapter_names=None):
+        """Run the adapted graph of submodule `root` ("" = the whole model) on these inputs."""
+        kwargs = lift_scalar_inputs(kwargs)
         if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
-            return self._traced_forward(args, kwargs, adapter_names)
-        entry = self._entry_for(args, kwargs)
-        self._traced[_structure_key(self.training, args, kwargs)] = entry
+            return self._traced_forward(args, kwargs, adapter_names, root)
+        if self.training:
+            check_driving_trainer(self)  # Trainer options we cannot honour, refused by name
+        entry = self._entry_for(args, kwargs, root)
+        self._traced[_structure_key(self.training, args, kwargs, root)] = entry
         variant = self._variant(adapter_names)
         if adapter_names is not None:
             self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
@@ -276,11 +310,11 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
         finally:
             self.state.mixed = None
 
-    def _traced_forward(self, args, kwargs, adapter_names):
+    def _traced_forward(self, args, kwargs, adapter_names, root: str = ""):
         """forward under Dynamo: no capture, no nested torch.compile; the already-built graph is inlined."""
-        entry = self._traced.get(_structure_key(self.training, args, kwargs))
+        entry = self._traced.get(_structure_key(self.training, args, kwargs, root))
         variant = self._variant(adapter_names)
-        gm = None if entry is None else entry.graphs.get(variant)
+        gm = None if entry is None else entry.graphs.get(self._graph_key(variant))
         if gm is None:
             raise AdapterError(
                 f"torch.compile(AdaptedModule): no {variant!r} graph for these inputs yet; call the module once "
@@ -300,28 +334,36 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
             return "disabled"
         return "merged" if self._merged else "adapted"
 
-    def _entry_for(self, args, kwargs) -> _Entry:
-        key = (self.training, signature(args, kwargs))
+    def _entry_for(self, args, kwargs, root: str = "") -> _Entry:
+        key = (root, self.training, signature(args, kwargs))
         entries = self._graphs.setdefault(key, [])
         for entry in entries:
             if fits(entry.captured, args, kwargs):
                 return entry
         mode = "train" if self.training else "eval"
-        with status(f"capturing {type(self._model).__name__} ({mode}) with torch.export"):
-            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen))
+        what = type(self._model).__name__ + (f".{root}" if root else "")
+        with status(f"capturing {what} ({mode}) with torch.export"):
+            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen, root))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
 
     def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:
-        if variant not in entry.graphs:
-            entry.graphs[variant] = pipeline.build(entry.captured, self.table, variant)
-        return entry.graphs[variant]
+        key = self._graph_key(variant)
+        if key not in entry.graphs:
+            entry.graphs[key] = pipeline.build(entry.captured, self.table, variant)
+        return entry.graphs[key]
+
+    def _graph_key(self, variant: str) -> tuple:
+        """A capture's graphs differ by variant and, in training, by the checkpointing settings
+        (toggling them, as TRL's DPO does around its reference pass, finds the graphs built before)."""
+        return variant, self.table.recompute.key() if self.training else None
 
     def _lowered(self, entry: _Entry, variant: str):
-        if variant not in entry.lowered:
-            entry.lowered[variant] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
-        return entry.lowered[variant]
+        key = self._graph_key(variant)
+        if key not in entry.lowered:
+            entry.lowered[key] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
+        return entry.lowered[key]
 
     def capture(self, args=(), kwargs=None) -> None:
         """Capture and build the graph for this input structure in the current mode now, not on the first call."""
@@ -338,7 +380,7 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
 
     def latest_graph(self, variant: str = "adapted") -> fx.GraphModule:
         """The most recently captured graph of the current mode (else of any mode)."""
-        entries = [e for (training, _), es in self._graphs.items() if training == self.training for e in es]
+        entries = [e for (_, training, _), es in self._graphs.items() if training == self.training for e in es]
         entries = entries or [e for es in self._graphs.values() for e in es]
         if not entries:
             raise AdapterError(
@@ -386,19 +428,36 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
         the model's class: "unet", "transformer", "text_encoder")."""
         formats.save_adapter(self.table, path, adapter_name, format=format, component=component)
 
-    def load_adapter(self, path, adapter_name: str = "default", hotswap: bool = False,
-                     component: str | None = None) -> None:
+    def load_adapter(self, path, adapter_name: str = "default", is_trainable: bool = False, hotswap: bool = False,
+                     component: str | None = None, **peft_options) -> None:
+        """Load an adapter (a PEFT directory, or a kohya/LyCORIS or diffusers file: formats/), with
+        PeftModel.load_adapter's meaning: a new name adds the
+        adapter (not activated; trainable only with `is_trainable`), an existing name is overwritten
+        in place (same tensors, so the optimizer and compiled graphs stay valid: Trainer's resume),
+        and `is_trainable=False` puts the module in eval mode, as PEFT does. `hotswap=True` replaces
+        an adapter's weights without recompiling (a smaller rank is zero-padded). PEFT's other
+        options are honoured or refused by name (integrations/peft_surface.py)."""
+        autocast = check_load_options(peft_options, self.device)
         # read and validated before anything changes; single-file formats against the model (formats/)
         spec, tensors, sub = formats.read_adapter(path, self._model, component)
         if hotswap:
             checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
             return
-        self.add_adapter(adapter_name, spec, sub)
-        try:
-            checkpoint.load_adapter_state_dict(self.table, tensors, adapter_name, where=str(path))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        if adapter_name in self.state.specs:
+            checkpoint.overwrite(self.table, adapter_name, spec, tensors, sub, where=str(path), merged=self._merged)
+        else:
+            self._add_adapter(adapter_name, spec, sub)
+            try:
+                checkpoint.load_adapter_state_dict(self.table, tensors, adapter_name, where=str(path))
+            except Exception:
+                self.delete_adapter(adapter_name)
+                raise
+            if autocast:
+                autocast_adapter(self.table, adapter_name)
+            if is_trainable:
+                self.set_requires_grad(adapter_name, True)
+        if not is_trainable:
+            self.eval()
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         return checkpoint.adapter_state_dict(self.table, adapter_name or self.state.active[0])
@@ -450,10 +509,10 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
     def _checks(self) -> list:
         """(graph description, guard verdict) of every compiled graph built so far."""
         out = []
-        for (training, _), entries in self._graphs.items():
+        for (_, training, _), entries in self._graphs.items():
             for i, entry in enumerate(entries):
-                for variant, fn in entry.lowered.items():
-                    gm = entry.graphs[variant]
+                for (variant, _), fn in entry.lowered.items():
+                    gm = entry.graphs[variant, _]
                     if "ac_guard" in gm.meta:
                         out.append((f"{'train' if training else 'eval'}/{variant}#{i}", gm.meta["ac_guard"]))
         return out
@@ -465,8 +524,47 @@ class AdaptedModule(HFModelAttributes, DiffusersModelAttributes, nn.Module):
         self._graphs.clear()
         self._traced.clear()
 
+    # -- pickling: torch.save(m), torch.load(..., weights_only=False), copy.deepcopy(m) -----------------
+    def __reduce_ex__(self, protocol):
+        """The per-model class is made at run time (integrations/adapted_class.py): name the factory."""
+        cls = type(self)
+        if "_adapted_model_class" not in cls.__dict__:
+            return super().__reduce_ex__(protocol)
+        return rebuild, (cls._adapted_model_class, cls._adapted_with_peft), self.__getstate__()
 
-def _structure_key(training: bool, args: tuple, kwargs: dict) -> tuple:
+    def __getstate__(self):
+        """Graphs and compiled callables are not saved (they are captured again on the first call),
+        nor the view a client may have patched (model_view.py). Frozen tensors that share storage
+        with the user's model are recorded, so that a copy shares storage with its copy of the model."""
+        state = nn.Module.__getstate__(self)
+        state["_graphs"], state["_traced"] = {}, {}
+        state.pop("_hf_view", None)
+        own = {fqn: t for fqn, t in self._model.named_parameters(remove_duplicate=False)}
+        state["_ac_aliases"] = {name: fqn for fqn, name in self._base_names.items()
+                                if fqn in own and _same_storage(getattr(self.base, name), own[fqn])}
+        return state
+
+    def __setstate__(self, state) -> None:
+        aliases = state.pop("_ac_aliases", {})
+        nn.Module.__setstate__(self, state)
+        own = dict(self._model.named_parameters(remove_duplicate=False))
+        for name, fqn in aliases.items():
+            getattr(self.base, name).data = own[fqn].detach()
+
+
+def rebuild(model_cls: type, with_peft: bool):
+    """Unpickling: an empty instance of the per-model class; __setstate__ fills it."""
+    cls = adapted_class(AdaptedModule, model_cls, with_peft)
+    return cls.__new__(cls)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.device == b.device)
+
+
+def _structure_key(training: bool, args: tuple, kwargs: dict, root: str = "") -> tuple:
     """A key Dynamo can compute and hash (pytree specs it cannot): mode, arg count, kwarg names, ranks."""
     values = (*args, *kwargs.values())
-    return training, len(args), tuple(kwargs), tuple(v.dim() if isinstance(v, torch.Tensor) else None for v in values)
+    ranks = tuple(v.dim() if isinstance(v, torch.Tensor) else None for v in values)
+    return root, training, len(args), tuple(kwargs), ranks

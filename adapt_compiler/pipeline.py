@@ -14,7 +14,8 @@
     4. graph-method rewrites       Llama-Adapter at SDPA, X-LoRA's dual pass (each method's `rewrite`)
     5. plan_layers                 evaluation order, kernel, mixed-batch implementation: node kwargs
     6. batch_parameter_transforms  one call for the parameter-only part of many layers
-    7. lint
+    7. checkpoint_blocks           training graphs: chosen repeated blocks recompute in the backward
+    8. lint
 
 Variants of one capture: "adapted" (all steps), "mixed" (one adapter per sample: steps 1-5 with
 mixed-batch implementations, no batching), "merged" (steps 1-2: the frozen tensors hold the merged
@@ -37,6 +38,7 @@ from . import lowering
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
 from .lowering.plan import plan_layers
+from .lowering.recompute import checkpoint_blocks
 from .lowering.workarounds import for_inductor
 from .table import AdapterTable
 
@@ -69,7 +71,9 @@ def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModu
             _debug_print(gm, "plan_layers", variant)
         if variant == "adapted" and batch_parameter_transforms(gm, table.specs, table.state, training):  # 6
             _debug_print(gm, "batch_parameter_transforms", variant)
-    gm.graph.lint()  # 7
+    if training and checkpoint_blocks(gm, table.model, table.recompute, captured.root):  # 7
+        _debug_print(gm, "checkpoint_blocks", variant)
+    gm.graph.lint()  # 8
     gm = fx.GraphModule(gm, gm.graph)  # keeps only what the final graph references
     gm.meta["ac_variant"], gm.meta["ac_training"] = variant, training
     return gm
@@ -79,17 +83,18 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     """The callable that runs `gm`: compiled as `how` says. Unless `how` is "eager" or `verify` is
     off, its first call is checked against the FX graph itself (lowering/guard.py), and a graph
     that disagrees falls back to eager with a warning."""
+    budget = None if table.recompute.by_blocks else table.recompute.memory_budget
     if how == "eager":
-        return gm
+        return lowering.lower(gm, how, memory_budget=budget)
     compiled_graph = for_inductor(gm) if how == "inductor" else gm  # known Inductor bugs, worked around
     if not verify:
-        return lowering.lower(compiled_graph, how)
+        return lowering.lower(compiled_graph, how, memory_budget=budget)
     # the compiled graph draws the same random numbers as the eager one (aten's generator), so
     # the check can compare training graphs with dropout, and a seed gives PEFT's masks
     options = {"fallback_random": True}
     what = f"{type(table.model).__name__} ({'train' if gm.meta['ac_training'] else 'eval'}, {gm.meta['ac_variant']})"
     return guard(
-        gm, lowering.lower(compiled_graph, how, options), lowering.lowering_name(how),
+        gm, lowering.lower(compiled_graph, how, options, memory_budget=budget), lowering.lowering_name(how),
         tensors=lambda: [(f"{a}:{where}.{p}", t) for a, where, p, t in table.tensors()],
         buffers=lambda: [t for t in table.frozen.values() if not isinstance(t, nn.Parameter)],
         fallbacks=[("eager", lambda: gm)],

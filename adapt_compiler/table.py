@@ -39,6 +39,29 @@ class AdapterParams(nn.Module):
         return {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
 
 
+@dataclass
+class Recompute:
+    """Activation checkpointing of the training graphs (lowering/recompute.py applies it).
+
+    `mode`: "model" follows the user's model (its layers' `gradient_checkpointing` flags, set by
+    HF's `gradient_checkpointing_enable()` before `ac.compile`); "on" checkpoints every
+    `every_n_layers`-th repeated block (`m.gradient_checkpointing_enable()`); "off" none.
+    `memory_budget`: the fraction of activation memory a training step may keep (None = no limit);
+    Inductor gets it as AOTAutograd's `activation_memory_budget`, other lowerings checkpoint that
+    share of the blocks (`by_blocks`)."""
+
+    mode: str = "model"
+    every_n_layers: int = 1
+    options: dict = field(default_factory=dict)  # torch.utils.checkpoint options (preserve_rng_state, ...)
+    memory_budget: float | None = None
+    by_blocks: bool = True  # the lowering cannot take a memory budget itself (not Inductor)
+
+    def key(self) -> tuple:
+        """Part of a training graph's cache key (module.py `_graph_key`): switching checkpointing off
+        and on again (TRL's DPO does it around every reference pass) finds the graphs built before."""
+        return self.mode, self.every_n_layers, tuple(sorted(self.options.items())), self.memory_budget, self.by_blocks
+
+
 @dataclass(eq=False)
 class AdapterTable:
     """Everything known about the adapters of one AdaptedModule (see the module docstring)."""
@@ -52,6 +75,7 @@ class AdapterTable:
     shared: nn.ModuleDict  # adapter name -> AdapterParams a weight method shares across layers
     method_state: dict = field(default_factory=dict)  # adapter name -> a method's Python state (AdaLoRA)
     prepare_hooks: list = field(default_factory=list)  # callables run before each eager call (see GraphMethod)
+    recompute: Recompute = field(default_factory=Recompute)  # activation checkpointing of training graphs
 
     @property
     def specs(self) -> dict:

@@ -35,7 +35,7 @@ class DiffusersModelAttributes:
 
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)  # nn.Module: parameters, buffers, submodules
+            return super().__getattr__(name)  # HFModelAttributes: nn.Module members, then model data attributes
         except AttributeError as missing:
             table = self.__dict__.get("table")
             model = table.model if table is not None else None

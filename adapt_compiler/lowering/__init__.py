@@ -5,6 +5,7 @@
     batching.py   parameter-only transforms batched across layers (OFT/BOFT/HRA)
     slots.py      the runtime modules the adapted graph calls (they obey the plan)
     mixed.py      one adapter per sample (`adapter_names=`)
+    recompute.py  activation checkpointing of repeated blocks (training graphs)
     merge.py      fold adapters into the weights
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references
@@ -23,16 +24,32 @@ from . import kernels
 LOWERINGS = ("inductor", "eager")
 
 
-def lower(gm: fx.GraphModule, how, options: dict | None = None):
+def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: float | None = None):
     """`how`: "inductor", "eager", or any torch.compile backend (a callable). `options`: Inductor
-    config for this graph only."""
+    config for this graph only. `memory_budget` (Inductor): AOTAutograd's activation memory budget
+    for this graph, the fraction of activation memory its partitioner may keep (it recomputes the
+    cheapest rest in the backward)."""
     if how == "eager":
         return gm
     if how == "inductor":
-        return torch.compile(gm, dynamic=None, options=options or None)
+        compiled = torch.compile(gm, dynamic=None, options=options or None)
+        return compiled if memory_budget is None else _with_memory_budget(compiled, memory_budget)
     if callable(how):
         return torch.compile(gm, backend=how, dynamic=None)
     raise ValueError(f"lowering={how!r} is not one of {LOWERINGS} or a torch.compile backend")
+
+
+def _with_memory_budget(compiled, budget: float):
+    """`compiled`, run with the budget set: AOTAutograd reads it when it partitions the graph, on
+    the first call and on any recompilation."""
+    from torch._functorch import config as functorch_config
+
+    def run(*args, **kwargs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiled(*args, **kwargs)
+
+    run.compiled = compiled
+    return run
 
 
 def lowering_name(how) -> str:

@@ -1,0 +1,210 @@
+"""Activation checkpointing inside the adapted graph: repeated blocks recompute in the backward.
+
+torch.export inlines HF's gradient checkpointing (`torch.utils.checkpoint` runs its function while
+tracing), so a captured training graph saves every block's activations whatever the model's flag
+says. This pass puts checkpointing back, in our graph, where it can be seen:
+
+    ac_recompute_model__layers__0 = <the nodes of model.layers.0, adapters included, as a GraphModule>
+    checkpoint = torch.utils.checkpoint.checkpoint(ac_recompute_model__layers__0, hidden, cos, sin, mask,
+                                                   use_reentrant=False)
+    add_9 = getitem(checkpoint, 0)
+
+Blocks are found from the nodes' `nn_module_stack` (export records which module each node came
+from): a block is a child of a ModuleList/Sequential with at least two children (a decoder
+layer), and its nodes must run contiguously with no in-place mutation (a recompute would mutate
+twice). Eager runs `torch.utils.checkpoint` as is (non-reentrant, RNG state preserved, so
+dropout masks repeat); under torch.compile, Dynamo turns it into the `tag_activation_checkpoint`
+higher-order op and AOTAutograd's partitioner recomputes the block in the backward.
+
+Which blocks (the table's `Recompute`, table.py): "model" follows the layers' own
+`gradient_checkpointing` flags in the user's model, "on" takes every `every_n_layers`-th block,
+"off" none; with a `memory_budget` under a lowering that cannot take one (`by_blocks`), a
+(1 - budget) share of the blocks is checkpointed as well. Runs on training graphs only, after
+planning (pipeline step 8), so the adapters' nodes are recomputed with their block.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import warnings
+
+import torch
+from torch import fx, nn
+
+from ..names import slot_key
+
+RECOMPUTE_PREFIX = "ac_recompute_"
+_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def _path(raw: str) -> str:
+    """An nn_module_stack path as an FQN ("L['self'].layers[0]" in strict traces, "layers.0" here)."""
+    raw = raw.replace("L['self'].", "").replace("L['self']", "")
+    return re.sub(r"\[(\d+)\]", r".\1", raw).strip(".")
+
+
+def _full(root: str, path: str) -> str:
+    return f"{root}.{path}" if root and path else (root or path)
+
+
+class _Blocks:
+    """Which nn_module_stack paths are repeated blocks of `model` (cached per path)."""
+
+    def __init__(self, model: nn.Module, root: str):
+        self.model, self.root, self.cache = model, root, {}
+
+    def is_block(self, path: str) -> bool:
+        if path not in self.cache:
+            m = _INDEXED.match(path)
+            ok = False
+            if m:
+                try:
+                    parent = self.model.get_submodule(_full(self.root, m.group(1)))
+                except AttributeError:
+                    parent = None
+                ok = isinstance(parent, (nn.ModuleList, nn.Sequential)) and len(parent) >= 2
+            self.cache[path] = ok
+        return self.cache[path]
+
+    def of(self, node: fx.Node) -> str | None:
+        stack = node.meta.get("nn_module_stack") or {}
+        for raw, _ in stack.values():  # outermost first: the decoder layer, not a ModuleList inside it
+            path = _path(raw)
+            if path and self.is_block(path):
+                return _full(self.root, path)
+        return None
+
+
+def find_blocks(gm: fx.GraphModule, model: nn.Module, root: str = "") -> dict[str, list[fx.Node]]:
+    """Block FQN -> its nodes in graph order. Nodes without module metadata (e.g. inserted later)
+    belong to a block when the nodes before and after them do."""
+    blocks = _Blocks(model, root)
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
+    owner = [blocks.of(n) for n in nodes]
+    for i, o in enumerate(owner):
+        if o is None:
+            before = next((owner[j] for j in range(i - 1, -1, -1) if owner[j] is not None), None)
+            after = next((owner[j] for j in range(i + 1, len(owner)) if owner[j] is not None), None)
+            if before is not None and before == after:
+                owner[i] = before
+    out: dict[str, list[fx.Node]] = {}
+    for n, o in zip(nodes, owner):
+        if o is not None:
+            out.setdefault(o, []).append(n)
+    return out
+
+
+def chosen_blocks(paths: list[str], model: nn.Module, recompute) -> list[str]:
+    """The blocks to checkpoint under the table's Recompute settings (see the module docstring)."""
+    chosen = set()
+    if recompute.mode == "on":
+        chosen = {p for i, p in enumerate(paths) if i % recompute.every_n_layers == 0}
+    elif recompute.mode == "model":
+        chosen = {p for p in paths if _model_checkpoints(model, p)}
+    if recompute.memory_budget is not None and recompute.by_blocks and paths:
+        k = round((1.0 - recompute.memory_budget) * len(paths))  # blocks that drop their activations
+        chosen |= {p for i, p in enumerate(paths) if (i + 1) * k // len(paths) > i * k // len(paths)}
+    return [p for p in paths if p in chosen]
+
+
+def _model_checkpoints(model: nn.Module, path: str) -> bool:
+    """Does the user's model checkpoint this block (HF: the layer's `gradient_checkpointing` flag,
+    or, in older models, the flag on a module above the layer list)?"""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            flag = getattr(model.get_submodule(".".join(parts[:i])), "gradient_checkpointing", None)
+        except AttributeError:
+            flag = None
+        if isinstance(flag, bool):
+            return flag
+    return bool(getattr(model, "gradient_checkpointing", False) is True)
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _contiguous(gm: fx.GraphModule, region: list[fx.Node]) -> bool:
+    inside = set(region)
+    started = False
+    for n in gm.graph.nodes:
+        if n is region[0]:
+            started = True
+        if started and n.op not in ("get_attr", "placeholder") and n not in inside:
+            return False
+        if n is region[-1]:
+            return True
+    return False
+
+
+def checkpoint_blocks(gm: fx.GraphModule, model: nn.Module, recompute, root: str = "") -> list[str]:
+    """Outline each chosen block into a GraphModule called through torch.utils.checkpoint (see the
+    module docstring). Returns the checkpointed blocks; warns, naming the model class, when
+    checkpointing was asked for and no block could be checkpointed."""
+    if recompute.mode == "off" and recompute.memory_budget is None:
+        return []
+    blocks = find_blocks(gm, model, root)
+    wanted = chosen_blocks(list(blocks), model, recompute)
+    asked = (recompute.mode == "on" or (recompute.mode == "model" and model_checkpoints(model))
+             or (recompute.by_blocks and recompute.memory_budget is not None and recompute.memory_budget < 1))
+    done, refused = [], []
+    for path in wanted:
+        region = blocks[path]
+        if any(_mutates(n) for n in region) or not _contiguous(gm, region):
+            refused.append(path)
+            continue
+        _outline(gm, path, region, recompute.options)
+        done.append(path)
+    if refused or (asked and not done):
+        why = (f"blocks {refused[:3]} mutate tensors in place or do not run contiguously" if refused
+               else "its graph has no repeated blocks (children of a ModuleList/Sequential)")
+        warnings.warn(
+            f"adapt_compiler: gradient checkpointing cannot be honoured for {type(model).__name__}: {why}; "
+            f"{'those blocks train' if done else 'it trains'} without recomputation (more activation memory).",
+            UserWarning, stacklevel=3,
+        )
+    return done
+
+
+def model_checkpoints(model: nn.Module) -> bool:
+    """Has the user's model gradient checkpointing on (any module's `gradient_checkpointing` flag)?"""
+    return any(getattr(m, "gradient_checkpointing", None) is True for m in model.modules())
+
+
+def _outline(gm: fx.GraphModule, path: str, region: list[fx.Node], options: dict) -> None:
+    inside = set(region)
+    inputs: list[fx.Node] = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    sub = fx.Graph()
+    env = {a: sub.placeholder(a.name) for a in inputs}
+    for a, p in env.items():
+        p.meta = dict(a.meta)
+    for n in region:
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(tuple(env[o] for o in outputs))
+    name = RECOMPUTE_PREFIX + slot_key(path)
+    gm.add_submodule(name, fx.GraphModule(gm, sub))
+    graph = gm.graph
+    with graph.inserting_before(region[0]):
+        fn = graph.get_attr(name)
+        call = graph.call_function(torch.utils.checkpoint.checkpoint, (fn, *inputs), {**options, "use_reentrant": False})
+        call.meta["ac_recompute"] = path
+        call.meta["val"] = tuple(o.meta.get("val") for o in outputs)
+        for i, o in enumerate(outputs):
+            got = graph.call_function(operator.getitem, (call, i))
+            got.meta = dict(o.meta)
+            o.replace_all_uses_with(got, delete_user_cb=lambda u: u not in inside)
+    for n in reversed(region):
+        graph.erase_node(n)
+
+
+def recomputed_blocks(gm: fx.GraphModule) -> list[str]:
+    """The block paths a graph checkpoints (report, tests)."""
+    return [n.meta["ac_recompute"] for n in gm.graph.nodes if "ac_recompute" in n.meta]
