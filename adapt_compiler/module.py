@@ -29,10 +29,9 @@ from .lowering.plan import decisions_of
 from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
-from .passes.match import describe_layer, layer_kind
+from .passes.match import target_layers
 from .progress import status
 from .report import build_report
-from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
 
 
@@ -145,28 +144,26 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         self.invalidate_graphs()  # the adapted graphs change; base captures could be kept, but are cheap
 
     def _add_weight_adapter(self, name: str, method, spec) -> None:
-        model = self._model
-        fqns = resolve_targets(spec, model, layer_kind)
-        modules = dict(model.named_modules())
-        layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
+        layers = target_layers(method, spec, self._model)
         for layer in layers.values():  # validate everything before creating anything
             method.check(spec, layer)
-        device = self.table.frozen[fqns[0] + ".weight"].device
+        frozen = self.table.frozen
+        device = frozen[next(iter(layers.values())).weight_fqn].device
         shared_tensors = method.init_shared(spec, list(layers.values()))
         shared = AdapterParams({k: v.to(device) for k, v in shared_tensors.items()},
-                               method.buffer_names) if shared_tensors else None
+                               method.buffers(spec)) if shared_tensors else None
         created = {}
         for fqn, layer in layers.items():
-            weight = self.table.frozen[fqn + ".weight"]
+            weight = frozen[layer.weight_fqn]
             tensors = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
-            created[fqn] = (layer, AdapterParams(tensors, method.buffer_names))
+            created[fqn] = (layer, AdapterParams(tensors, method.buffers(spec)))
         if shared is not None:
             self.shared[name] = shared
         for fqn, (layer, params) in created.items():
             key = slot_key(fqn)
             if key not in self.slots:
                 self.slots[key] = AdapterSlot(layer, self.state)
-            self.slots[key].add(name, method, params.to(self.table.frozen[fqn + ".weight"].device), shared)
+            self.slots[key].add(name, method, params.to(frozen[layer.weight_fqn].device), shared)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.state.specs:

@@ -116,14 +116,15 @@ def resolve_targets(spec: AdapterSpec, model: nn.Module, kind_of) -> list[str]:
             )
         targets = DEFAULT_TARGETS[model_type]
     names = [n for n, _ in model.named_modules() if n]
+    mha = {n for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)}
     chosen, unsupported = [], []
     for name, module in model.named_modules():
         if not name or not is_target(spec, name, targets):
             continue
         kind = kind_of(module)
         if targets == "all-linear":
-            if kind != "linear" or name == _output_head(model):
-                continue
+            if kind != "linear" or name == _output_head(model) or name.rpartition(".")[0] in mha:
+                continue  # MultiheadAttention's out_proj: its forward never runs (PEFT's adapter there is inert)
         if kind is None:
             # a regex or suffix can hit a container (e.g. "self_attn"); only leaves are errors
             if not list(module.children()):

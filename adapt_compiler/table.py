@@ -61,6 +61,9 @@ class AdapterTable:
     def active(self) -> tuple[str, ...]:
         return self.state.active
 
+    def slots_fqns(self) -> list[str]:
+        return [s.layer.fqn for s in self.slots.values()]
+
     def slots_of(self, adapter: str) -> list:
         return [s for s in self.slots.values() if adapter in s.methods]
 
@@ -82,6 +85,11 @@ class AdapterTable:
             for pname, p in holder.named_parameters():
                 if not getattr(p, "_ac_frozen", False):
                     yield name, "(graph)", pname, p
+
+    def same_tensor(self, a: str, b: str) -> bool:
+        """Whether two FQNs name one frozen tensor (tied weights share one), or are the same name."""
+        ta, tb = self.frozen.get(a), self.frozen.get(b)
+        return a == b if ta is None or tb is None else ta is tb
 
     def model_config(self):
         """The model's HF config, or None for a plain module."""

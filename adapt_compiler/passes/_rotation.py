@@ -79,7 +79,7 @@ def evaluate_rotated(layer: Layer, x, weight, bias, rotate, scale=None):
     """
     if layer.kind == "linear":
         y = F.linear(rotate(x), weight, None if scale is not None else bias)
-    elif layer.kernel_size == (1, 1):
+    elif layer.pointwise:
         # 1×1 conv: the patch is the channel vector; rotating before zero padding is the same
         xr = rotate(x.movedim(1, -1)).movedim(-1, 1)
         y = layer.conv(xr, weight, None if scale is not None else bias)

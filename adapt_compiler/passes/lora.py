@@ -59,7 +59,7 @@ class LoRAMethod(WeightMethod):
     peft_type = "LORA"
     prefix = "lora_"
     spec_type = LoRA
-    kinds = frozenset({"linear", "conv2d", "embedding"})
+    kinds = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
     # the scaling is folded into B (fold_hotswap); init is history; the compiled dropout p stays
     # (hotswap serves inference)
     hotswap_foldable = frozenset({"r", "alpha", "rslora", "rank_pattern", "alpha_pattern", "init", "dropout"})
@@ -69,7 +69,7 @@ class LoRAMethod(WeightMethod):
         r = rank_of(spec, layer)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
-        if layer.kind == "conv2d" and r % layer.groups:
+        if layer.is_conv and r % layer.groups:
             raise AdapterShapeError(
                 f"{layer.fqn}: LoRA rank r={r} must be divisible by the conv's groups={layer.groups}; "
                 f"pick r as a multiple of {layer.groups}."
@@ -85,9 +85,9 @@ class LoRAMethod(WeightMethod):
             if spec.init is False:
                 a = torch.randn_like(a)
         else:
-            if layer.kind == "conv2d":
+            if layer.is_conv:
                 a = torch.empty(r, layer.in_features, *layer.kernel_size, dtype=dt)
-                b = torch.empty(layer.out_features, r // layer.groups, 1, 1, dtype=dt)
+                b = torch.empty(layer.out_features, r // layer.groups, *[1] * layer.spatial, dtype=dt)
             else:
                 a = torch.empty(r, layer.in_features, dtype=dt)
                 b = torch.empty(layer.out_features, r, dtype=dt)
@@ -103,7 +103,7 @@ class LoRAMethod(WeightMethod):
         if spec.use_dora:
             with torch.no_grad():
                 params["lora_magnitude_vector"] = self._weight_norm(
-                    spec, layer, weight, self._lora_weight(layer, params, weight.shape)
+                    spec, layer, weight, self._dora_lora_weight(layer, params, weight.shape)
                 ).to(dt)
         return params
 
@@ -113,17 +113,27 @@ class LoRAMethod(WeightMethod):
         a, b = p["lora_A"], p["lora_B"]
         if layer.kind == "embedding":
             return (b @ a).T  # (num, dim)
-        if layer.kind == "conv2d":
-            if layer.kernel_size == (1, 1):
-                return (b.flatten(1) @ a.flatten(1))[:, :, None, None]
-            # PEFT: conv(Aᵀ, B)ᵀ; exact for groups == 1
-            return F.conv2d(a.transpose(0, 1), b).transpose(0, 1)
+        if layer.is_conv:
+            if layer.pointwise:
+                return (b.flatten(1) @ a.flatten(1)).reshape(weight_shape)
+            # PEFT: conv(Aᵀ, B)ᵀ; exact for groups == 1 (PEFT cannot merge grouped convs, nor can we)
+            return layer.conv(a.transpose(0, 1), b, stride=1, padding=0, dilation=1, groups=1).transpose(0, 1)
         return b @ a
+
+    def _dora_lora_weight(self, layer: Layer, p, weight_shape) -> torch.Tensor:
+        """B·A as DoRA's weight norm reads it. For a conv PEFT flattens the factors, (B.view(-1, r) @
+        A.view(r, -1)).view(W.shape): B·A itself for groups == 1, and for a grouped conv (B holds r/g
+        channels per output) the same reshape, PEFT's convention for the (detached) norm."""
+        if not layer.is_conv:
+            return self._lora_weight(layer, p, weight_shape)
+        a, b = p["lora_A"], p["lora_B"]
+        r = a.shape[0]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(weight_shape)
 
     def _weight_norm(self, spec, layer: Layer, weight, lora_weight) -> torch.Tensor:
         w = weight + scaling_of(spec, layer) * lora_weight
-        if layer.kind == "conv2d":
-            return w.norm(p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)  # (1, d_out, 1, 1)
+        if layer.is_conv:
+            return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)  # (1, d_out, 1, …)
         if layer.kind == "embedding":
             return torch.linalg.norm(w, dim=0)  # per embedding dim
         return torch.linalg.norm(w, dim=1)
@@ -134,9 +144,10 @@ class LoRAMethod(WeightMethod):
             return F.embedding(x, a.T, layer.padding_idx, layer.max_norm) @ b.T
         x = F.dropout(x, spec.dropout, training) if spec.dropout else x
         x = x.to(a.dtype)  # like PEFT: the adapter math runs in the adapter's dtype
-        if layer.kind == "conv2d":
-            h = F.conv2d(x, a, None, layer.stride, layer.padding)
-            return F.conv2d(h, b, groups=layer.groups)
+        if layer.is_conv:
+            # PEFT's lora_A conv copies the base kernel, stride and padding, not its dilation or groups
+            h = layer.conv(x, a, dilation=1, groups=1)
+            return layer.conv(h, b, stride=1, padding=0, dilation=1)
         # shrink then expand: T·r·(d_in + d_out), never a d_out×d_in matrix
         return F.linear(F.linear(x, a), b)
 
@@ -152,13 +163,13 @@ class LoRAMethod(WeightMethod):
         if not spec.use_dora:
             return super().forward(spec, layer, p, x, weight, bias, training)
         s = scaling_of(spec, layer)
-        norm = self._weight_norm(spec, layer, weight, self._lora_weight(layer, p, weight.shape).detach()).detach()
+        norm = self._weight_norm(spec, layer, weight, self._dora_lora_weight(layer, p, weight.shape).detach()).detach()
         scale = p["lora_magnitude_vector"] / norm
         if layer.kind == "embedding":
             return scale * layer.base(x, weight, None) + scale * s * self._low_rank(spec, layer, p, x, training)
-        scale = scale if layer.kind == "conv2d" else scale.view(1, -1)
+        scale = scale if layer.is_conv else scale.view(1, -1)
         base_out = layer.base(x, weight, bias)
-        bias_b = 0 if bias is None else (bias.view(1, -1, 1, 1) if layer.kind == "conv2d" else bias)
+        bias_b = 0 if bias is None else layer.channel_view(bias)
         if spec.dropout and training:
             # PEFT: with active dropout the DoRA term re-runs the base op on the dropped input
             xd = F.dropout(x, spec.dropout, training)
@@ -172,14 +183,14 @@ class LoRAMethod(WeightMethod):
         return scaling_of(spec, layer) * self._lora_weight(layer, p, weight.shape)
 
     def merged_weight(self, spec, layer, p, weight, bias):
-        if layer.kind == "conv2d" and layer.groups > 1:
+        if layer.is_conv and layer.groups > 1:
             raise AdapterError(f"{layer.fqn}: PEFT cannot merge LoRA into a conv with groups > 1; neither can we.")
         merged = weight + self.delta_weight(spec, layer, p, weight).to(weight.dtype)
         if not spec.use_dora:
             return merged, bias
-        norm = self._weight_norm(spec, layer, weight, self._lora_weight(layer, p, weight.shape)).detach()
+        norm = self._weight_norm(spec, layer, weight, self._dora_lora_weight(layer, p, weight.shape)).detach()
         scale = p["lora_magnitude_vector"] / norm
-        if layer.kind == "conv2d":
+        if layer.is_conv:
             return merged * scale.transpose(0, 1), bias
         if layer.kind == "embedding":
             return merged * scale.view(1, -1), bias
