@@ -29,6 +29,7 @@ from .lowering.plan import decisions_of
 from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
+from .passes.method import BASE_WEIGHT
 from .passes.match import target_layers
 from .progress import status
 from .report import build_report
@@ -110,6 +111,7 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         for fqn, name in self._base_names.items():  # buffers are new tensor objects after _apply
             frozen[fqn] = getattr(self.base, name)
         self._originals = {k: fn(v) for k, v in self._originals.items()}
+        self.table.base_originals = {a: {k: fn(v) for k, v in d.items()} for a, d in self.table.base_originals.items()}
         self.invalidate_graphs()
         return self
 
@@ -152,11 +154,18 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         shared_tensors = method.init_shared(spec, list(layers.values()))
         shared = AdapterParams({k: v.to(device) for k, v in shared_tensors.items()},
                                method.buffers(spec)) if shared_tensors else None
-        created = {}
+        created, bases = {}, {}
         for fqn, layer in layers.items():
             weight = frozen[layer.weight_fqn]
             tensors = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
+            base = tensors.pop(BASE_WEIGHT, None)  # PiSSA / OLoRA / CorDA: the residual W − s·B₀A₀
+            if base is not None:
+                bases[layer.weight_fqn] = (base.t() if layer.transposed else base).contiguous()
             created[fqn] = (layer, AdapterParams(tensors, method.buffers(spec)))
+        if bases:  # into our frozen copy (the user's tensor keeps its storage); restored by delete_adapter
+            self.table.base_originals[name] = {w: frozen[w].data for w in bases}
+            for w, base in bases.items():
+                frozen[w].data = base.to(frozen[w].device)
         if shared is not None:
             self.shared[name] = shared
         for fqn, (layer, params) in created.items():
@@ -184,6 +193,8 @@ class AdaptedModule(HFModelAttributes, nn.Module):
             if name in holder:
                 del holder[name]
         self.table.method_state.pop(name, None)
+        for w, original in self.table.base_originals.pop(name, {}).items():  # undo a residual init
+            self.table.frozen[w].data = original
         del self.state.specs[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
         self.invalidate_graphs()

@@ -106,6 +106,10 @@ def merged_copy(table, originals: dict | None) -> nn.Module:
                 params[fqn].data = t.clone()
         for fqn in originals or {}:
             params[fqn].data = table.frozen[fqn].detach().clone()
+        for bases in table.base_originals.values():  # residual bases (PiSSA, OLoRA, CorDA) not merged above
+            for fqn in bases:
+                if fqn not in new and fqn not in (originals or {}):
+                    params[fqn].data = table.frozen[fqn].detach().clone()
     if tied_keys and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # so save_pretrained / from_pretrained keep them apart
     for saved in table.saved.values():

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..spec import AdapterSpec, check_positive, check_probability
 from ._patterns import pattern_value
-from .method import AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
+from ._lora_init import INITIALISERS, initialiser_for
+from .method import BASE_WEIGHT, AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
 
 
@@ -30,7 +31,9 @@ class LoRA(AdapterSpec):
     dropout: float = 0.0
     rslora: bool = False
     use_dora: bool = False
-    init: bool | str = True  # True (kaiming A, zero B) | "gaussian" | False (B not zero)
+    # True (kaiming A, zero B) | "gaussian" | False (B not zero) | an initialiser of passes/_lora_init*.py:
+    # "pissa", "pissa_niter_<k>", "olora", "mica", "corda", "eva", ... (PEFT's init_lora_weights values)
+    init: bool | str = True
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
 
@@ -40,8 +43,10 @@ class LoRA(AdapterSpec):
         check_probability(self, dropout=self.dropout)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise AdapterError(f"LoRA: alpha={self.alpha!r} must be a positive number (PEFT's lora_alpha).")
-        if self.init not in (True, False, "gaussian"):
-            raise AdapterError(f"LoRA: init={self.init!r} is not supported; use True, False or 'gaussian'.")
+        if self.init not in (True, False, "gaussian") and initialiser_for(self.init) is None:
+            known = ", ".join(repr(n) for n in sorted(INITIALISERS))
+            raise AdapterError(f"LoRA: init={self.init!r} (PEFT's init_lora_weights) is not supported; use True, "
+                               f"False, 'gaussian' or one of {known}.")
 
 
 def rank_of(spec: LoRA, layer: Layer) -> int:
@@ -66,6 +71,15 @@ class LoRAMethod(WeightMethod):
 
     def check(self, spec: LoRA, layer: Layer) -> None:
         super().check(spec, layer)
+        found = initialiser_for(spec.init)
+        if found is not None:
+            init = found[0]
+            if layer.kind not in init.kinds or (layer.transposed and not init.transposed_ok):
+                what = "an HF Conv1D (transposed) layer" if layer.transposed else f"a {layer.kind} layer"
+                raise AdapterShapeError(
+                    f"{layer.fqn}: init={spec.init!r} (PEFT's init_lora_weights) does not support {what} (PEFT "
+                    f"runs it on {', '.join(sorted(init.kinds))}"
+                    f"{'' if init.transposed_ok else ', not HF Conv1D'}); exclude the layer or use init=True.")
         r = rank_of(spec, layer)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
@@ -78,6 +92,16 @@ class LoRAMethod(WeightMethod):
     def init_params(self, spec: LoRA, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         r = rank_of(spec, layer)
         dt = weight.dtype
+        found = initialiser_for(spec.init)
+        if found is not None and not found[0].data:
+            # PiSSA / OLoRA / MiCA ...: the factors (and maybe a new base weight) from W itself
+            init, option = found
+            got = init.init(layer, weight, r, scaling_of(spec, layer), option)
+            params = {"lora_A": got.a, "lora_B": got.b}
+            if got.base is not None:
+                params[BASE_WEIGHT] = got.base
+                weight = got.base  # DoRA's magnitude is ‖W_res + s·B₀A₀‖ = ‖W‖, as PEFT computes it
+            return self._with_magnitude(spec, layer, weight, params)
         if layer.kind == "embedding":
             # PEFT: A zero, B normal (the other way round from Linear)
             a = torch.zeros(r, layer.weight_shape[0], dtype=dt)
@@ -99,13 +123,20 @@ class LoRAMethod(WeightMethod):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(b)
-        params = {"lora_A": a, "lora_B": b}
+        return self._with_magnitude(spec, layer, weight, {"lora_A": a, "lora_B": b})
+
+    def _with_magnitude(self, spec: LoRA, layer: Layer, weight, params: dict) -> dict:
+        """DoRA: add m = ‖W + s·BA‖ (per output row) to the params, so the layer starts at W."""
         if spec.use_dora:
             with torch.no_grad():
                 params["lora_magnitude_vector"] = self._weight_norm(
                     spec, layer, weight, self._dora_lora_weight(layer, params, weight.shape)
-                ).to(dt)
+                ).to(weight.dtype)
         return params
+
+    def buffers(self, spec: LoRA) -> frozenset[str]:
+        found = initialiser_for(spec.init)
+        return self.buffer_names | (found[0].frozen if found else frozenset())
 
     # -- the low-rank product ------------------------------------------------------------
     def _lora_weight(self, layer: Layer, p, weight_shape) -> torch.Tensor:
@@ -259,7 +290,7 @@ class LoRAMethod(WeightMethod):
             dropout=config.get("lora_dropout", 0.0),
             rslora=config.get("use_rslora", False),
             use_dora=config.get("use_dora", False),
-            init=init if init in (True, False, "gaussian") else True,
+            init=init,
             rank_pattern=config.get("rank_pattern") or {},
             alpha_pattern=config.get("alpha_pattern") or {},
         )

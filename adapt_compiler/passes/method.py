@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from ..errors import AdapterError, AdapterShapeError
 
 PREPARED = "_prepared"  # key of a layer's `prepare_group` result in the params its forward receives
+# key under which `init_params` may return the layer's new frozen base weight (canonical layout): PiSSA,
+# OLoRA, CorDA start from W's principal part, so the base becomes W − s·B₀A₀. The caller swaps it into
+# its frozen copy of the weight (never the user's model) and restores it when the adapter is deleted.
+BASE_WEIGHT = "_ac_base_weight"
 
 
 # conv layer kinds and their number of spatial dims (F.conv1d / conv2d / conv3d)

@@ -38,9 +38,9 @@ def multiplicative_dropout(blocks, p: float):
     k, b, _ = blocks.shape
     if k == 1:  # block_share: PEFT skips it
         return blocks
-    n = int(p * k)
-    mask = torch.cat([torch.ones(n, device=blocks.device), torch.zeros(k - n, device=blocks.device)])
-    mask = mask[torch.randperm(k)].view(k, 1, 1).to(blocks.dtype)
+    # PEFT: cat([ones(n), zeros(k - n)])[randperm(k)]; entry j is 1 iff perm[j] < n. Same draw, same
+    # mask, without indexing by a random permutation (which Inductor fails to compile: slice_shape)
+    mask = (torch.randperm(k, device=blocks.device) < int(p * k)).view(k, 1, 1).to(blocks.dtype)
     eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
     return (1 - mask) * blocks + mask * eye
 
