@@ -68,7 +68,7 @@ from ..counters import COUNTERS
 from ..errors import AdapterError
 from ..names import PEFT_PREFIX
 from ..passes import method_for
-from ..passes.match import find_layer_matches, layer_from_match
+from ..passes.match import find_layer_matches, layer_from_match, refresh
 from ..passes.method import Layer
 from ..spec import AdapterSpec, is_target
 from .merge import fold_layer
@@ -270,7 +270,8 @@ class AdapterBackend:
         if self.where is not None:
             # the same key normalisation and NaN/Inf refusal as ac.compile(model, dir); keys and shapes
             # are checked against each compiled graph (the model is not known before)
-            self.tensors = {method.checkpoint_key(k): v for k, v in tensors.items() if ".base_layer." not in k}
+            self.tensors = {method.checkpoint_key(k): v for k, v in tensors.items()
+                            if not checkpoint.is_saved_base_layer(k)}
             checkpoint.check_tensors(self.tensors, self.tensors, self.where, self._what)
         self._params: dict[str, dict] = {}  # fqn -> adapter tensors (created once, reused on recompiles)
         self._shared: dict[str, torch.Tensor] | None = None  # method.init_shared, once
@@ -413,6 +414,7 @@ class AdapterBackend:
         a = _constant(gm, w_node, layer.fqn + ".lora_A", a_t.detach())
         b = _constant(gm, w_node, layer.fqn + ".lora_B", b_t.detach())
         for match in nodes:
+            match = refresh(match)  # an earlier layer's rewrite may have rewired its input
             with gm.graph.inserting_before(match.node):
                 new = gm.graph.call_function(op, (match.x, match.weight, match.bias, a, b, s))
             new.meta.update(match.node.meta)

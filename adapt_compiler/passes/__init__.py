@@ -21,7 +21,7 @@ from torch import fx
 from ..counters import COUNTERS
 from ..errors import AdapterError, AdapterShapeError
 from ..names import saved_target, slot_target
-from .match import find_layer_matches, find_param_reads, find_tensor_reads, survey
+from .match import find_layer_matches, find_param_reads, find_tensor_reads, refresh, survey
 from .method import GraphMethod, Layer, WeightMethod
 from .registry import METHODS, PEFT_TYPES, method_for, method_for_peft_type, register, unregister
 
@@ -48,6 +48,7 @@ def insert_weight_adapters(gm: fx.GraphModule, layers: dict, same_tensor=None) -
     for fqn, matches in found.items():
         layer = layers[fqn][0]
         for m in matches:
+            m = refresh(m)  # an earlier replacement may have rewired its input
             if m.kind != layer.kind or m.transposed != layer.transposed:
                 raise AdapterShapeError(
                     f"{fqn}: the graph computes it as {m.pattern.name} ({m.kind}{', weight stored (d_in, d_out)' if m.transposed else ''}), "

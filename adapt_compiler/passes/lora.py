@@ -59,12 +59,25 @@ def scaling_of(spec: LoRA, layer: Layer) -> float:
     return alpha / math.sqrt(r) if spec.rslora else alpha / r
 
 
+def _counted(fn, layer: Layer, p):
+    """`fn(p)` (the adapter's delta from its tensors p) as PEFT counts it on this layer. MultiheadAttention's
+    out_proj adds it twice per call (`delta_factor` 2), the second time by a `.data` update that autograd
+    does not see: the value counts twice, and so does the gradient to the layer's input, but the adapter's
+    own tensors get the gradient of one copy. The second copy reads them detached."""
+    delta = fn(p)
+    if layer.delta_factor == 1:
+        return delta
+    frozen = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    return delta + (layer.delta_factor - 1) * fn(frozen)
+
+
 class LoRAMethod(WeightMethod):
     name = "lora"
     peft_type = "LORA"
     prefix = "lora_"
     spec_type = LoRA
-    kinds = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding"})
+    # PEFT: Linear, HF Conv1D, Conv1d/2d/3d, Embedding, nn.MultiheadAttention (as its in_proj + out_proj)
+    kinds = frozenset({"linear", "conv1d", "conv2d", "conv3d", "embedding", "multihead_attention"})
     # the scaling is folded into B (fold_hotswap); init is history; the compiled dropout p stays
     # (hotswap serves inference)
     hotswap_foldable = frozenset({"r", "alpha", "rslora", "rank_pattern", "alpha_pattern", "init", "dropout"})
@@ -83,6 +96,14 @@ class LoRAMethod(WeightMethod):
         r = rank_of(spec, layer)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
+        if layer.is_conv and not layer.pointwise and any(d != 1 for d in layer.dilation) and layer.padding != "same":
+            # PEFT's lora_A copies kernel, stride and padding but not the dilation: its output would not line up
+            raise AdapterShapeError(
+                f"{layer.fqn}: LoRA on a conv with dilation={layer.dilation}: PEFT's lora_A conv drops the dilation, "
+                f"so its output size differs from the layer's (PEFT fails there too); exclude it from `targets`.")
+        if layer.weight_only and spec.use_dora:
+            raise AdapterShapeError(f"{layer.fqn}: DoRA on nn.MultiheadAttention is not supported (PEFT raises too); "
+                                    f"use use_dora=False or exclude it from `targets`.")
         if layer.is_conv and r % layer.groups:
             raise AdapterShapeError(
                 f"{layer.fqn}: LoRA rank r={r} must be divisible by the conv's groups={layer.groups}; "
@@ -173,7 +194,8 @@ class LoRAMethod(WeightMethod):
         a, b = p["lora_A"], p["lora_B"]
         if layer.kind == "embedding":
             return F.embedding(x, a.T, layer.padding_idx, layer.max_norm) @ b.T
-        x = F.dropout(x, spec.dropout, training) if spec.dropout else x
+        # MultiheadAttention's layers: PEFT merges the adapter into the weights around the call, so no dropout
+        x = F.dropout(x, spec.dropout, training) if spec.dropout and not layer.weight_only else x
         x = x.to(a.dtype)  # like PEFT: the adapter math runs in the adapter's dtype
         if layer.is_conv:
             # PEFT's lora_A conv copies the base kernel, stride and padding, not its dilation or groups
@@ -184,7 +206,7 @@ class LoRAMethod(WeightMethod):
 
     # -- evaluation ----------------------------------------------------------------------
     def delta(self, spec, layer, p, x, weight, training):
-        return scaling_of(spec, layer) * self._low_rank(spec, layer, p, x, training)
+        return _counted(lambda q: scaling_of(spec, layer) * self._low_rank(spec, layer, q, x, training), layer, p)
 
     def forward(self, spec, layer, p, x, weight, bias, training):
         out = self._forward(spec, layer, p, x, weight, bias, training)
@@ -211,7 +233,7 @@ class LoRAMethod(WeightMethod):
         return base_out + (scale - 1) * (base_out - bias_b) + scale * low * s
 
     def delta_weight(self, spec, layer, p, weight):
-        return scaling_of(spec, layer) * self._lora_weight(layer, p, weight.shape)
+        return _counted(lambda q: scaling_of(spec, layer) * self._lora_weight(layer, q, weight.shape), layer, p)
 
     def merged_weight(self, spec, layer, p, weight, bias):
         if layer.is_conv and layer.groups > 1:
@@ -228,7 +250,7 @@ class LoRAMethod(WeightMethod):
         return merged * scale.view(-1, 1), bias
 
     def weight_side_ok(self, spec, training):
-        return not (training and spec.dropout)
+        return not (training and spec.dropout)  # (a weight-only layer would allow it; the plan stays simple)
 
     def cost(self, spec, layer, tokens):
         r = rank_of(spec, layer)
@@ -248,7 +270,7 @@ class LoRAMethod(WeightMethod):
     # -- lowering hooks ----------------------------------------------------------------------
     def kernel_operands(self, spec, layer, p, training):
         # the fused kernels compute base + s·(x Aᵀ)Bᵀ: Linear / Conv1D, no DoRA, no active dropout
-        if layer.kind != "linear" or spec.use_dora or (training and spec.dropout):
+        if layer.kind != "linear" or spec.use_dora or (training and spec.dropout) or layer.delta_factor != 1:
             return None
         return p["lora_A"], p["lora_B"], scaling_of(spec, layer)
 

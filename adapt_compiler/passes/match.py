@@ -238,6 +238,13 @@ def match_node(node: fx.Node, is_param) -> LayerMatch | str | None:
     return LayerMatch(out, node, got.x, got.weight, bias, pattern, got.transposed)
 
 
+def refresh(match: LayerMatch) -> LayerMatch:
+    """`match` re-read off its op: after earlier rewrites replaced one of its inputs (another layer's
+    output feeding this one), the operands are the op's current arguments."""
+    got = match_node(match.op, lambda n: n is match.weight or n is match.bias)
+    return got if isinstance(got, LayerMatch) else match
+
+
 def layer_matches(gm: fx.GraphModule, weight_path=None) -> list[LayerMatch]:
     """Every linear-equivalent subgraph of `gm` whose weight is a model tensor, in graph order."""
     weight_path = weight_path or _get_attr_path
@@ -358,7 +365,7 @@ def describe_layers(fqn: str, module: nn.Module) -> list[Layer]:
     """The layers one targeted module contributes. nn.MultiheadAttention is two, as in PEFT: its
     packed in_proj (weight `in_proj_weight`, keys on the MHA module) and its out_proj (keys under
     `<mha>.base_layer.out_proj`); MultiheadAttention calls both as F.linear itself, so PEFT merges
-    the adapter into them around each call: no input dropout."""
+    the adapter into them around each call: no input dropout, and out_proj's delta counts twice."""
     if not isinstance(module, nn.MultiheadAttention):
         return [describe_layer(fqn, module)]
     if not module._qkv_same_embed_dim:
@@ -369,9 +376,12 @@ def describe_layers(fqn: str, module: nn.Module) -> list[Layer]:
     in_proj = Layer(fqn=fqn, kind="linear", weight_shape=tuple(w.shape), has_bias=module.in_proj_bias is not None,
                     dtype=w.dtype, weight_name="in_proj_weight", bias_name="in_proj_bias", weight_only=True)
     out = module.out_proj
+    # PEFT 0.21.2 merges out_proj's delta twice around each call (MultiheadAttention.merge adds it, then
+    # calls the wrapped out_proj's merge, which adds it again), and merge_and_unload does the same: its
+    # checkpoints mean W_o + 2·s·B·A, which delta_factor keeps
     out_proj = Layer(fqn=f"{fqn}.out_proj", kind="linear", weight_shape=tuple(out.weight.shape),
                      has_bias=out.bias is not None, dtype=out.weight.dtype, peft_path=f"{fqn}.base_layer.out_proj",
-                     weight_only=True)
+                     weight_only=True, delta_factor=2.0)
     return [in_proj, out_proj]
 
 

@@ -71,6 +71,10 @@ class Layer:
     bias_name: str = "bias"
     # PEFT folds the adapter into the weight around each call (MultiheadAttention): no input dropout
     weight_only: bool = False
+    # a factor on the adapter's delta: PEFT 0.21.2 merges MultiheadAttention's out_proj delta twice per
+    # call (once itself, once through the wrapped out_proj), in forward and in merge_and_unload alike, so
+    # its checkpoints mean 2·s·B·A there; we keep that meaning (see describe_layers)
+    delta_factor: float = 1.0
     # a targeted nn.Parameter: "out_in" ((d_out, d_in), or MoE experts (E, d_out, d_in)) or "in_out"
     # (experts stored (E, d_in, d_out), transformers' `is_transposed`)
     layout: str = ""
