@@ -15,10 +15,13 @@ from .method import Layer
 
 
 def rotated_dim(layer: Layer) -> int:
-    """The length of the input vector the rotation acts on: d_in, or d_in·kh·kw for Conv2d."""
+    """The length of the vector the rotation acts on: d_in, d_in·kh·kw for Conv2d, and for an
+    Embedding (OFT rotates its output rows) the embedding dim."""
     if layer.kind == "conv2d":
         kh, kw = layer.kernel_size
         return layer.in_features * kh * kw
+    if layer.kind == "embedding":
+        return layer.weight_shape[1]
     return layer.in_features
 
 
