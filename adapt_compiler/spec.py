@@ -45,8 +45,12 @@ class AdapterSpec:
             raise AdapterError(
                 f"{type(self).__name__}: order={self.order!r} is not one of 'auto', 'activation', 'weight'."
             )
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
+        if isinstance(self.targets, (list, tuple)) and not self.targets and not self.allows_no_targets():
             raise AdapterError(f"{type(self).__name__}: targets=[] matches nothing; name at least one module.")
+
+    def allows_no_targets(self) -> bool:
+        """Whether targets=[] is meaningful (LoRA that adapts only parameters or token rows)."""
+        return False
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -43,6 +43,10 @@ def fold_layer(layer, steps, w0: torch.Tensor, b0: torch.Tensor | None):
         p = {k: v.to(acc) if v.is_floating_point() else v for k, v in params.items()}
         w, b = method.merged_weight(spec, layer, p, w, b)
     w = (w.t() if layer.transposed else w).to(w0.dtype).contiguous()
+    if b0 is None and b is not None:
+        raise AdapterError(
+            f"merge: {layer.fqn} has no bias to fold the adapter's bias (lora_bias) into; PEFT cannot merge it "
+            f"either. Use the adapter unmerged.")
     if b is None or b0 is None or torch.equal(b.to(b0.dtype), b0):
         return w, None
     return w, b.to(b0.dtype)
@@ -55,8 +59,10 @@ def tied_layers(table) -> set[str]:
     readers: dict[int, int] = {}
     for t in table.frozen.values():
         readers[id(t)] = readers.get(id(t), 0) + 1
-    return {s.layer.fqn for s in table.slots.values()
-            if s.layer.weight_fqn in table.frozen and readers[id(table.frozen[s.layer.weight_fqn])] > 1}
+    # a targeted parameter (kind "parameter") is adapted wherever it is read, tied readers included, so
+    # folding it into the shared tensor is exactly its unmerged meaning
+    return {s.layer.fqn for s in table.slots.values() if s.layer.kind != "parameter"
+            and s.layer.weight_fqn in table.frozen and readers[id(table.frozen[s.layer.weight_fqn])] > 1}
 
 
 def merged_tensors(table, skip=frozenset()) -> dict[str, torch.Tensor]:

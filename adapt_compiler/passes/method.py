@@ -78,6 +78,9 @@ class Layer:
     # a targeted nn.Parameter: "out_in" ((d_out, d_in), or MoE experts (E, d_out, d_in)) or "in_out"
     # (experts stored (E, d_in, d_out), transformers' `is_transposed`)
     layout: str = ""
+    # an embedding weight whose rows at these indices are replaced by trainable ones (PEFT's
+    # trainable_token_indices); the slot serves every read of the weight (tied output heads too)
+    token_indices: tuple[int, ...] = ()
 
     @property
     def is_conv(self) -> bool:
