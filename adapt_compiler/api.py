@@ -52,8 +52,10 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     read = _read_specs(spec)
     if adapter_name is not None and len(read) == 1:
         read = {adapter_name: next(iter(read.values()))}
+    example = _split_inputs(example_inputs) if example_inputs is not None else None
     m = AdaptedModule(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
-                      sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify)
+                      sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify,
+                      example_inputs=example)
     for name, (_, tensors, _, where) in read.items():
         if tensors is not None:
             checkpoint.load_adapter_state_dict(m.table, tensors, name, where=where)

@@ -23,7 +23,7 @@ import torch
 from .errors import AdapterError, CheckpointError
 from .names import PEFT_PREFIX as PREFIX
 from .passes import GraphMethod, method_for, method_for_peft_type
-from .spec import DEFAULT_TARGETS
+from .default_targets import peft_default
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -305,7 +305,7 @@ def peft_config(table, name: str, spec=None) -> dict:
     model_config = table.model_config()
     targets = spec.targets
     if targets is None:
-        targets = DEFAULT_TARGETS.get(getattr(model_config, "model_type", None))
+        targets = peft_default(spec.method, getattr(model_config, "model_type", None))
     config.setdefault("target_modules", targets if isinstance(targets, str) or targets is None else list(targets))
     config.setdefault("exclude_modules", spec.exclude)
     config.setdefault("modules_to_save", spec.modules_to_save)

@@ -34,6 +34,7 @@ from .passes.match import target_layers
 from .progress import status
 from .report import build_report
 from .table import AdapterParams, AdapterState, AdapterTable
+from .targeting import default_targets
 
 
 @dataclass
@@ -56,8 +57,9 @@ class _Disabled(contextlib.AbstractContextManager):
 
 class AdaptedModule(HFModelAttributes, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
-                 verify: bool = True):
+                 verify: bool = True, example_inputs: tuple | None = None):
         super().__init__()
+        self.__dict__["_example"] = example_inputs  # (args, kwargs): finds default targets in a graph if needed
         if not specs:
             raise AdapterError("compile(): no adapter spec given; pass e.g. ac.LoRA(r=8, targets=[...]).")
         self.__dict__["_model"] = model  # not a child: its params are not ours
@@ -136,6 +138,9 @@ class AdaptedModule(HFModelAttributes, nn.Module):
                 del self.graph_adapters[name]
                 raise
         else:
+            spec = method.resolve_spec(spec, self._model)
+            if spec.targets is None:  # PEFT's table for the model type, else the attention in a captured graph
+                spec = spec.replace(targets=default_targets(method.name, self._model, self._example))
             self._add_weight_adapter(name, method, spec)
         for fqn in spec.modules_to_save or []:
             self._add_saved_module(name, fqn)

@@ -14,19 +14,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from .default_targets import peft_default
 from .errors import AdapterError
-
-# PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "vit": ["query", "value"],
-}
-
 
 @dataclass
 class AdapterSpec:
@@ -111,14 +100,14 @@ def resolve_targets(spec: AdapterSpec, model: nn.Module, kind_of) -> list[str]:
     no method can adapt. Errors name close module names when nothing matches.
     """
     targets = spec.targets
-    if targets is None:
+    if targets is None:  # (AdaptedModule resolves targets=None before this: targeting.py)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        targets = peft_default(spec.method, model_type)
+        if targets is None:
             raise AdapterError(
-                f"{type(spec).__name__}: targets=None and no default is known for model type "
-                f"{model_type!r}; pass targets=[...] (module-name suffixes) or a regex."
+                f"{type(spec).__name__}: targets=None and PEFT lists no default for model type {model_type!r}; "
+                f"pass targets=[...] (module-name suffixes) or a regex."
             )
-        targets = DEFAULT_TARGETS[model_type]
     names = [n for n, _ in model.named_modules() if n]
     mha = {n for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)}
     chosen, unsupported = [], []

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..default_targets import moe_conversion
 from ..spec import AdapterSpec, check_positive, check_probability
 from . import _lora_params, _lora_variants
 from ._lora_init import INITIALISERS, initialiser_for
@@ -148,6 +150,28 @@ class LoRAMethod(WeightMethod):
     # the scaling is folded into B (fold_hotswap); init is history; the compiled dropout p stays
     # (hotswap serves inference)
     hotswap_foldable = frozenset({"r", "alpha", "rslora", "rank_pattern", "alpha_pattern", "init", "dropout"})
+
+    def resolve_spec(self, spec: LoRA, model) -> LoRA:
+        """PEFT (transformers 5): `all-linear` on a MoE model whose experts are fused 3-D parameters also adapts
+        them and the router through target_parameters, with rank and alpha doubled on the fused gate/up stack
+        (it stands for two of the old Linear layers)."""
+        if spec.targets != "all-linear":
+            return spec
+        fused = moe_conversion(getattr(getattr(model, "config", None), "model_type", None))
+        if not fused:
+            return spec
+        present = {f"{m}.{p}" if m else p for m, mod in model.named_modules() for p, _ in mod.named_parameters(recurse=False)}
+        names = [n for n in fused if any(k == n or k.endswith("." + n) for k in present)]
+        if not names:
+            return spec
+        rank, alpha = dict(spec.rank_pattern), dict(spec.alpha_pattern)
+        for n in names:
+            if fused[n] > 1:
+                rank.setdefault(rf".*\.{re.escape(n)}", spec.r * fused[n])
+                alpha.setdefault(rf".*\.{re.escape(n)}", spec.alpha * fused[n])
+        extra = [n for n in names if n not in (spec.target_parameters or [])]
+        return spec.replace(target_parameters=[*(spec.target_parameters or []), *extra], rank_pattern=rank,
+                            alpha_pattern=alpha)
 
     def parameter_layers(self, spec: LoRA, model) -> dict[str, Layer]:
         return _lora_params.parameter_layers(spec, model)

@@ -173,6 +173,11 @@ class WeightMethod:
     buffer_names: ClassVar[frozenset[str]] = frozenset()
 
     # -- targets, shapes and init -------------------------------------------------------------
+    def resolve_spec(self, spec, model):
+        """The spec as it applies to `model`, before anything is created (PEFT rewrites its config the same
+        way, and the saved config says what was adapted). Default: unchanged."""
+        return spec
+
     def parameter_layers(self, spec, model) -> dict[str, Layer]:
         """Layers of kind "parameter" the spec adds besides its target modules (LoRA's
         target_parameters and trainable_token_indices), by parameter FQN. Default: none."""
