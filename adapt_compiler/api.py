@@ -74,10 +74,11 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     read = _read_specs(spec, model, component)
     if adapter_name is not None and len(read) == 1:
         read = {adapter_name: next(iter(read.values()))}
+    example = _split_inputs(example_inputs) if example_inputs is not None else None
     cls = adapted_class(AdaptedModule, type(model))
     m = cls(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
             sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify,
-            memory_budget=None if memory_budget is None else float(memory_budget))
+            memory_budget=None if memory_budget is None else float(memory_budget), example_inputs=example)
     for name, (_, tensors, _, where) in read.items():
         if tensors is not None:
             load_adapter_state_dict(m.table, tensors, name, where=where)

@@ -23,7 +23,7 @@ import torch
 from .errors import AdapterError, CheckpointError
 from .names import PEFT_PREFIX as PREFIX
 from .passes import GraphMethod, method_for, method_for_peft_type
-from .spec import DEFAULT_TARGETS
+from .default_targets import peft_default
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -149,7 +149,7 @@ def adapter_state_dict(table, name: str, live: bool = False) -> dict[str, torch.
         for pname, t in params.items():
             key = slot.methods[name].peft_key(pname, slot.layer)
             if key is not None:
-                out[f"{PREFIX}{slot.layer.fqn}.{key}"] = t
+                out[f"{PREFIX}{slot.layer.key_path}.{key}"] = t
     for saved in table.saved.values():
         if name in saved.copies:
             for k, t in saved.copies[name].state_dict(keep_vars=True).items():
@@ -206,7 +206,14 @@ def _normalise_keys(table, name: str, state_dict: dict) -> dict:
     if not isinstance(method, GraphMethod):
         given = {method.checkpoint_key(k): v for k, v in given.items()}  # e.g. legacy Bone keys
     # PEFT also saves the base embedding when it targets one (save_embedding_layers); the base is ours
-    return {k: v for k, v in given.items() if ".base_layer." not in k}
+    return {k: v for k, v in given.items() if not is_saved_base_layer(k)}
+
+
+def is_saved_base_layer(key: str) -> bool:
+    """PEFT's copy of a targeted embedding's own weight (`<module>.base_layer.weight`), which we never load;
+    not the adapter keys PEFT nests under `base_layer.` (MHA's out_proj, several targeted parameters)."""
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] == "base_layer"
 
 
 def load_adapter_state_dict(table, state_dict: dict, name: str, where: str = "state dict", hotswap=False) -> None:
@@ -320,7 +327,7 @@ def peft_config(table, name: str, spec=None) -> dict:
     model_config = table.model_config()
     targets = spec.targets
     if targets is None:
-        targets = DEFAULT_TARGETS.get(getattr(model_config, "model_type", None))
+        targets = peft_default(spec.method, getattr(model_config, "model_type", None))
     config.setdefault("target_modules", targets if isinstance(targets, str) or targets is None else list(targets))
     config.setdefault("exclude_modules", spec.exclude)
     config.setdefault("modules_to_save", spec.modules_to_save)

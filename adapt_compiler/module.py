@@ -39,11 +39,12 @@ from .lowering.plan import decisions_of
 from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
-from .passes.match import describe_layer, layer_kind
+from .passes.method import BASE_WEIGHT
+from .passes.match import target_layers
 from .progress import status
 from .report import build_report
-from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
+from .targeting import default_targets
 
 
 @dataclass
@@ -66,8 +67,9 @@ class _Disabled(contextlib.AbstractContextManager):
 
 class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, CheckpointingSurface, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
-                 verify: bool = True, memory_budget: float | None = None):
+                 verify: bool = True, memory_budget: float | None = None, example_inputs: tuple | None = None):
         nn.Module.__init__(self)  # not super(): with PeftModel as a base (adapted_class.py) its __init__ must not run
+        self.__dict__["_example"] = example_inputs  # (args, kwargs): finds default targets in a graph if needed
         if not specs:
             raise AdapterError("compile(): no adapter spec given; pass e.g. ac.LoRA(r=8, targets=[...]).")
         self.__dict__["_model"] = model  # not a child: its params are not ours
@@ -124,6 +126,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         for fqn, name in self._base_names.items():  # buffers are new tensor objects after _apply
             frozen[fqn] = getattr(self.base, name)
         self._originals = {k: fn(v) for k, v in self._originals.items()}
+        self.table.base_originals = {a: {k: fn(v) for k, v in d.items()} for a, d in self.table.base_originals.items()}
         if before != [(t.dtype, t.device) for t in frozen.values()]:  # Trainer's .to(device) on the same device
             self.invalidate_graphs()
         return self
@@ -158,6 +161,9 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
                 del self.graph_adapters[name]
                 raise
         else:
+            spec = method.resolve_spec(spec, self._model)
+            if spec.targets is None:  # PEFT's table for the model type, else the attention in a captured graph
+                spec = spec.replace(targets=default_targets(method.name, self._model, self._example))
             self._add_weight_adapter(name, method, spec)
         for fqn in spec.modules_to_save or []:
             self._add_saved_module(name, fqn)
@@ -168,28 +174,33 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         self.invalidate_graphs()  # the adapted graphs change; base captures could be kept, but are cheap
 
     def _add_weight_adapter(self, name: str, method, spec) -> None:
-        model = self._model
-        fqns = resolve_targets(spec, model, layer_kind)
-        modules = dict(model.named_modules())
-        layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
+        layers = target_layers(method, spec, self._model)
         for layer in layers.values():  # validate everything before creating anything
             method.check(spec, layer)
-        device = self.table.frozen[fqns[0] + ".weight"].device
+        frozen = self.table.frozen
+        device = frozen[next(iter(layers.values())).weight_fqn].device
         shared_tensors = method.init_shared(spec, list(layers.values()))
         shared = AdapterParams({k: v.to(device) for k, v in shared_tensors.items()},
-                               method.buffer_names) if shared_tensors else None
-        created = {}
+                               method.buffers(spec)) if shared_tensors else None
+        created, bases = {}, {}
         for fqn, layer in layers.items():
-            weight = self.table.frozen[fqn + ".weight"]
+            weight = frozen[layer.weight_fqn]
             tensors = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
-            created[fqn] = (layer, AdapterParams(tensors, method.buffer_names))
+            base = tensors.pop(BASE_WEIGHT, None)  # PiSSA / OLoRA / CorDA: the residual W − s·B₀A₀
+            if base is not None:
+                bases[layer.weight_fqn] = (base.t() if layer.transposed else base).contiguous()
+            created[fqn] = (layer, AdapterParams(tensors, method.buffers(spec)))
+        if bases:  # into our frozen copy (the user's tensor keeps its storage); restored by delete_adapter
+            self.table.base_originals[name] = {w: frozen[w].data for w in bases}
+            for w, base in bases.items():
+                frozen[w].data = base.to(frozen[w].device)
         if shared is not None:
             self.shared[name] = shared
         for fqn, (layer, params) in created.items():
             key = slot_key(fqn)
             if key not in self.slots:
                 self.slots[key] = AdapterSlot(layer, self.state)
-            self.slots[key].add(name, method, params.to(self.table.frozen[fqn + ".weight"].device), shared)
+            self.slots[key].add(name, method, params.to(frozen[layer.weight_fqn].device), shared)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.state.specs:
@@ -210,6 +221,8 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
             if name in holder:
                 del holder[name]
         self.table.method_state.pop(name, None)
+        for w, original in self.table.base_originals.pop(name, {}).items():  # undo a residual init
+            self.table.frozen[w].data = original
         del self.state.specs[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
         self.invalidate_graphs()

@@ -19,7 +19,8 @@
 
 Variants of one capture: "adapted" (all steps), "mixed" (one adapter per sample: steps 1-5 with
 mixed-batch implementations, no batching), "merged" (steps 1-2: the frozen tensors hold the merged
-weights), "disabled" (step 1: the base model). The table (`table.py`) is everything the steps read;
+weights; a layer whose weight is tied to another module's keeps its slot: steps 3 and 5 for it),
+"disabled" (step 1: the base model). The table (`table.py`) is everything the steps read;
 the AdaptedModule keeps the user-facing API and the cache of what this returns. ADAPT_COMPILER_DEBUG=1
 prints the graph after each step.
 """
@@ -37,6 +38,7 @@ from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_sa
 from . import lowering
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
+from .lowering.merge import tied_layers
 from .lowering.plan import plan_layers
 from .lowering.recompute import checkpoint_blocks
 from .lowering.workarounds import for_inductor
@@ -56,11 +58,15 @@ def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModu
     if variant != "disabled" and len(table.saved):
         redirect_saved_modules(gm, {s.fqn: tuple(s.copies) for s in table.saved.values()})  # 2
         _debug_print(gm, "redirect_saved_modules", variant)
+    if variant == "merged" and (tied := tied_layers(table)):
+        # a layer sharing its weight with another module is not folded (lowering/merge.py): its slot stays
+        insert_weight_adapters(gm, _slot_layers(table, tied), table.same_tensor)  # 3, tied layers only
+        plan_layers(gm, table.specs, training)  # 5
+        _debug_print(gm, "insert_weight_adapters (tied layers)", variant)
     if variant in ("adapted", "mixed"):
-        layers = {s.layer.fqn: (tuple(s.methods), ",".join(sorted({m.name for m in s.methods.values()})))
-                  for s in table.slots.values()}
+        layers = _slot_layers(table)
         if layers:
-            insert_weight_adapters(gm, layers)  # 3
+            insert_weight_adapters(gm, layers, table.same_tensor)  # 3
             _debug_print(gm, "insert_weight_adapters", variant)
         for name, spec in table.specs.items():  # 4
             method = method_for(spec)
@@ -77,6 +83,12 @@ def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModu
     gm = fx.GraphModule(gm, gm.graph)  # keeps only what the final graph references
     gm.meta["ac_variant"], gm.meta["ac_training"] = variant, training
     return gm
+
+
+def _slot_layers(table: AdapterTable, only=None) -> dict:
+    """FQN -> (Layer, adapter names, methods as text) of every adapted layer (or those in `only`)."""
+    return {s.layer.fqn: (s.layer, tuple(s.methods), ",".join(sorted({m.name for m in s.methods.values()})))
+            for s in table.slots.values() if only is None or s.layer.fqn in only}
 
 
 def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):

@@ -20,7 +20,8 @@ from .lowering import kernel_backend
 from .lowering.plan import decisions_of
 from .passes import GraphMethod, method_for
 from .passes.match import describe_layer, layer_kind
-from .spec import DEFAULT_TARGETS, _output_head, is_target
+from .default_targets import peft_default
+from .spec import _output_head, is_target
 
 
 @dataclass
@@ -292,7 +293,7 @@ def find_unmatched(table) -> list[UnmatchedRow]:
         kinds = getattr(method, "kinds", frozenset())
         targets = spec.targets
         if targets is None:
-            targets = DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", None), [])
+            targets = peft_default(spec.method, getattr(getattr(model, "config", None), "model_type", None)) or []
         groups: dict[tuple, list[str]] = {}
         for fqn, mod in modules.items():
             if not fqn or fqn in adapted or type(mod) not in classes or layer_kind(mod) not in kinds:

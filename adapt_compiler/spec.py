@@ -14,19 +14,8 @@ from typing import ClassVar
 
 from torch import nn
 
+from .default_targets import peft_default
 from .errors import AdapterError
-
-# PEFT's defaults when target_modules is None (TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "vit": ["query", "value"],
-}
-
 
 @dataclass
 class AdapterSpec:
@@ -45,8 +34,12 @@ class AdapterSpec:
             raise AdapterError(
                 f"{type(self).__name__}: order={self.order!r} is not one of 'auto', 'activation', 'weight'."
             )
-        if isinstance(self.targets, (list, tuple)) and not self.targets:
+        if isinstance(self.targets, (list, tuple)) and not self.targets and not self.allows_no_targets():
             raise AdapterError(f"{type(self).__name__}: targets=[] matches nothing; name at least one module.")
+
+    def allows_no_targets(self) -> bool:
+        """Whether targets=[] is meaningful (LoRA that adapts only parameters or token rows)."""
+        return False
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -107,23 +100,24 @@ def resolve_targets(spec: AdapterSpec, model: nn.Module, kind_of) -> list[str]:
     no method can adapt. Errors name close module names when nothing matches.
     """
     targets = spec.targets
-    if targets is None:
+    if targets is None:  # (AdaptedModule resolves targets=None before this: targeting.py)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        targets = peft_default(spec.method, model_type)
+        if targets is None:
             raise AdapterError(
-                f"{type(spec).__name__}: targets=None and no default is known for model type "
-                f"{model_type!r}; pass targets=[...] (module-name suffixes) or a regex."
+                f"{type(spec).__name__}: targets=None and PEFT lists no default for model type {model_type!r}; "
+                f"pass targets=[...] (module-name suffixes) or a regex."
             )
-        targets = DEFAULT_TARGETS[model_type]
     names = [n for n, _ in model.named_modules() if n]
+    mha = {n for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)}
     chosen, unsupported = [], []
     for name, module in model.named_modules():
         if not name or not is_target(spec, name, targets):
             continue
         kind = kind_of(module)
         if targets == "all-linear":
-            if kind != "linear" or name == _output_head(model):
-                continue
+            if kind != "linear" or name == _output_head(model) or name.rpartition(".")[0] in mha:
+                continue  # MultiheadAttention's out_proj: its forward never runs (PEFT's adapter there is inert)
         if kind is None:
             # a regex or suffix can hit a container (e.g. "self_attn"); only leaves are errors
             if not list(module.children()):

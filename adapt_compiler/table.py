@@ -76,6 +76,8 @@ class AdapterTable:
     method_state: dict = field(default_factory=dict)  # adapter name -> a method's Python state (AdaLoRA)
     prepare_hooks: list = field(default_factory=list)  # callables run before each eager call (see GraphMethod)
     recompute: Recompute = field(default_factory=Recompute)  # activation checkpointing of training graphs
+    # adapter name -> {weight FQN: the frozen data before its init swapped in a residual base (PiSSA, ...)}
+    base_originals: dict = field(default_factory=dict)
 
     @property
     def specs(self) -> dict:
@@ -84,6 +86,9 @@ class AdapterTable:
     @property
     def active(self) -> tuple[str, ...]:
         return self.state.active
+
+    def slots_fqns(self) -> list[str]:
+        return [s.layer.fqn for s in self.slots.values()]
 
     def slots_of(self, adapter: str) -> list:
         return [s for s in self.slots.values() if adapter in s.methods]
@@ -106,6 +111,11 @@ class AdapterTable:
             for pname, p in holder.named_parameters():
                 if not getattr(p, "_ac_frozen", False):
                     yield name, "(graph)", pname, p
+
+    def same_tensor(self, a: str, b: str) -> bool:
+        """Whether two FQNs name one frozen tensor (tied weights share one), or are the same name."""
+        ta, tb = self.frozen.get(a), self.frozen.get(b)
+        return a == b if ta is None or tb is None else ta is tb
 
     def model_config(self):
         """The model's HF config, or None for a plain module."""

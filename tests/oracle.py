@@ -84,8 +84,11 @@ def compare_grads(m, peft_model, adapter_name="default", rtol=1e-5, atol=1e-6):
 
 
 def call_model(m, batch):
-    """Token batches are dicts of keyword inputs; image batches are one positional tensor."""
-    return m(**batch) if isinstance(batch, dict) else m(batch)
+    """Token batches are dicts of keyword inputs; image batches are one positional tensor; a tuple is
+    several positional inputs."""
+    if isinstance(batch, dict):
+        return m(**batch)
+    return m(*batch) if isinstance(batch, tuple) else m(batch)
 
 
 def assert_peft_checkpoint_round_trip(base, batch, peft_cfg, spec, tmp_path, keys):
@@ -134,3 +137,45 @@ def check_vs_peft(base, peft_cfg, spec, batch, *, keys, train=False, seed=None):
     square_loss(theirs).backward()
     compare_grads(m, pm)
     return m, pm
+
+
+def check_full_parity(base, batch, peft_cfg, spec, tmp_path, *, keys, merge=True, seed=0, loss_of=square_loss,
+                      lowering="eager", peft_merge=True):
+    """The whole contract against PEFT on one configuration, with non-trivial adapter weights:
+    outputs and adapter gradients (a training step), one optimizer step on both sides, both checkpoint
+    directions (PEFT's directory loads here and gives PEFT's outputs; ours loads into PeftModel), and,
+    with `merge`, merged == unmerged here and PEFT's merge_and_unload equal to ours. Returns our module."""
+    from peft import PeftModel
+
+    pm = peft_twin(base, peft_cfg)
+    randomize_(pm, keys, seed=seed)
+    m = ours_from_peft(base, pm, spec, lowering=lowering)
+    want = call_model(pm, batch)
+    assert_close(logits_of(call_model(m, batch)), logits_of(want), what="output")
+    # a training step on both sides: gradients, then one SGD step, then the outputs again
+    pm.train()
+    m.train()
+    loss_of(call_model(m, batch)).backward()
+    loss_of(call_model(pm, batch)).backward()
+    compare_grads(m, pm)
+    for params in (m.adapter_parameters(), [p for p in pm.parameters() if p.requires_grad]):
+        torch.optim.SGD(params, lr=0.1).step()
+    pm.eval()
+    m.eval()
+    want = call_model(pm, batch)
+    assert_close(logits_of(call_model(m, batch)), logits_of(want), what="output after a step")
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = ac.compile(base, str(tmp_path / "peft"), lowering="eager")
+    assert_close(logits_of(call_model(loaded, batch)), logits_of(want), what="PEFT dir -> ours")
+    m.save_adapter(tmp_path / "ours")
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_close(logits_of(call_model(back, batch)), logits_of(want), what="ours -> PeftModel.from_pretrained")
+    if merge:
+        m.merge()
+        assert_close(logits_of(call_model(m, batch)), logits_of(want), what="merged")
+        m.unmerge()
+        assert_close(logits_of(call_model(m.merged_module(), batch)), logits_of(want), what="merged_module()")
+        if peft_merge:
+            merged = copy.deepcopy(pm).merge_and_unload()
+            assert_close(logits_of(call_model(merged, batch)), logits_of(want), what="PEFT merge_and_unload")
+    return m

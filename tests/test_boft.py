@@ -184,3 +184,26 @@ def test_block_errors_name_layer_and_sizes():
     with pytest.raises(ac.AdapterError, match="exactly one"):
         ac.BOFT(boft_block_size=4, boft_block_num=4)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+
+def test_dropout_mask_compiles_with_inductor_and_draws_peft_masks():
+    """Regression (issue 20): the mask was built as `mask[torch.randperm(D)]`, which Inductor failed to
+    compile (BackendCompilerFailed ... slice_shape), so training with boft_dropout under the default
+    lowering crashed. The mask op as the default lowering compiles it (fallback_random, fullgraph,
+    with its backward) now gives PEFT's MultiplicativeDropoutLayer output for the same seed."""
+    import torch._inductor.config as inductor_config
+
+    from adapt_compiler.passes.boft import BOFTMethod
+
+    q = torch.randn(3, 8, 4, 4, requires_grad=True)
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(BOFTMethod._dropout, backend="inductor", fullgraph=True)
+        torch.manual_seed(3)
+        ours = compiled(q, 0.5)
+        ours.square().sum().backward()
+    torch.manual_seed(3)
+    theirs = boft_layer.MultiplicativeDropoutLayer(0.5).train()(q)
+    assert torch.equal(ours, theirs)
+    assert int((ours == q).all(dim=(-1, -2)).sum()) == 3 * 8 - 4  # int(0.5·8) blocks of one factor -> I
+    assert q.grad is not None

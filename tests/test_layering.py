@@ -3,13 +3,13 @@
 Every import statement counts, including the ones inside functions (a lazy import hides a cycle,
 it does not remove it). Layers, lowest first; a module may import its own layer and below:
 
-    leaf        errors, names, counters, progress, table
+    leaf        errors, names, counters, progress, table, default_targets
     spec        spec
-    capture     capture
+    capture     capture, example_inputs
     passes      passes.*                  (never lowering, pipeline, module)
     checkpoint  checkpoint, formats.*   (PEFT dirs; kohya/LyCORIS and diffusers files)
     lowering    lowering.*                (never module)
-    pipeline    pipeline, report, graph_view
+    pipeline    pipeline, report, graph_view, targeting
     integrations integrations.*       (ecosystem glue: what HF clients read from a model)
     module      module
     front       export, api
@@ -30,13 +30,13 @@ import adapt_compiler
 ROOT = Path(adapt_compiler.__file__).parent
 PKG = "adapt_compiler"
 LAYERS = [
-    ("leaf", ("errors", "names", "counters", "progress", "table")),
+    ("leaf", ("errors", "names", "counters", "progress", "table", "default_targets")),
     ("spec", ("spec",)),
-    ("capture", ("capture",)),
+    ("capture", ("capture", "example_inputs")),
     ("passes", ("passes",)),
     ("checkpoint", ("checkpoint", "formats")),
     ("lowering", ("lowering",)),
-    ("pipeline", ("pipeline", "report", "graph_view")),
+    ("pipeline", ("pipeline", "report", "graph_view", "targeting")),
     ("integrations", ("integrations",)),
     ("module", ("module",)),
     ("front", ("export", "api")),

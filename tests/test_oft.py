@@ -233,3 +233,27 @@ def test_cost_model_prefers_weight_side_for_many_tokens():
     assert m.decisions()[(slot.layer.fqn, "default")].order == "activation"  # T = 14 tokens < d_out = 64
     flops = OFTMethod().cost(m.state.specs["default"], slot.layer, cost.TOKENS)
     assert cost.choose(flops, 4096).order == "weight"
+
+
+
+def test_module_dropout_mask_compiles_with_inductor():
+    """Regression (issue 20): the mask was built as `mask[torch.randperm(k)]`, which Inductor failed to
+    compile (BackendCompilerFailed ... slice_shape), so training with module_dropout under the default
+    lowering crashed. Compiled as the default lowering compiles it (fallback_random, fullgraph, with
+    its backward), it now draws the eager mask for the same seed: PEFT's mask construction
+    (cat(ones, zeros)[randperm]) on the same draw. (PEFT 0.21.2 itself never applies this dropout.)"""
+    import torch._inductor.config as inductor_config
+
+    from adapt_compiler.passes.oft import multiplicative_dropout
+
+    blocks = torch.randn(8, 3, 3, requires_grad=True)
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(multiplicative_dropout, backend="inductor", fullgraph=True)
+        torch.manual_seed(3)
+        ours = compiled(blocks, 0.5)
+        ours.square().sum().backward()
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    peft_mask = torch.cat([torch.ones(4), torch.zeros(4)])[perm].view(8, 1, 1)
+    want = (1 - peft_mask) * blocks + peft_mask * torch.eye(3)
+    assert torch.equal(ours, want) and blocks.grad is not None

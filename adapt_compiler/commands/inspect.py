@@ -12,61 +12,19 @@ model of a pipeline, method, ranks, alphas and module names; without --model tha
 built (random weights: only its structure matters), compiled with the spec or adapter, and captured once with a small example input built from its config, because the cost
 model chooses each layer's evaluation order for a captured graph. Then the report table is printed.
 
-`example_inputs` is reusable by other subcommands; models come from `commands/_models.py`.
+`example_inputs` (adapt_compiler/example_inputs.py) builds the input; models come from `commands/_models.py`.
 """
 
 from __future__ import annotations
 
-import inspect as pyinspect
-
-import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..integrations.diffusers import example_inputs as diffusers_example_inputs
+from ..example_inputs import example_inputs
 from ._models import MODEL_HELP, load_model
 
 
-# -- example inputs ----------------------------------------------------------------------------
-def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, input_shape=None) -> tuple[tuple, dict]:
-    """(args, kwargs) small enough to capture quickly, built from the model's config or first layer."""
-    g = torch.Generator().manual_seed(0)
-    if input_shape:
-        return (torch.randn(*input_shape, generator=g),), {}
-    denoiser = diffusers_example_inputs(model, batch=batch, seq=seq)
-    if denoiser is not None:
-        return denoiser
-    params = pyinspect.signature(model.forward).parameters
-    config = getattr(model, "config", None)
-    if "input_ids" in params:
-        vocab = getattr(config, "vocab_size", None) or _embedding_rows(model) or 100
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        kwargs = {"input_ids": ids}
-        if "attention_mask" in params:
-            kwargs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-        return (), kwargs
-    if "pixel_values" in params:
-        size = getattr(config, "image_size", 32)
-        size = size if isinstance(size, int) else size[0]
-        channels = getattr(config, "num_channels", 3)
-        return (), {"pixel_values": torch.randn(batch, channels, size, size, generator=g)}
-    for mod in model.modules():  # a plain nn.Module: the first layer says what it eats
-        if isinstance(mod, nn.Conv2d):
-            return (torch.randn(batch, mod.in_channels, 16, 16, generator=g),), {}
-        if isinstance(mod, nn.Linear):
-            return (torch.randn(batch, mod.in_features, generator=g),), {}
-        if isinstance(mod, nn.Embedding):
-            return (torch.randint(0, mod.num_embeddings, (batch, seq), generator=g),), {}
-    raise AdapterError(
-        f"cannot guess an example input for {type(model).__name__}; pass --input-shape (e.g. 1,3,32,32)."
-    )
-
-
-def _embedding_rows(model: nn.Module) -> int | None:
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            return mod.num_embeddings
-    return None
+# example inputs: adapt_compiler/example_inputs.py (`example_inputs`, re-exported here)
 
 
 # -- specs -------------------------------------------------------------------------------------

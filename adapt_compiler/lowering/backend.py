@@ -14,9 +14,10 @@ placeholder's Dynamo source names its module path. Steps:
                              the same op our own lowering uses: the Triton kernel on CUDA, its
                              reference (then Inductor's C++) on CPU.
     2. apply_spec            only with ac.backend(spec_or_dir): the adapter's target layers, found
-                             by `passes.match.find_layer_nodes` (the matcher ac.compile uses) with
-                             module paths read off Dynamo's sources, described by
-                             `passes.match.layer_from_node`, checkpoint keys and values checked by
+                             by `passes.match.find_layer_matches` (the matcher and pattern table
+                             ac.compile uses: linear, addmm, x @ W.T, einsum, convs, embeddings)
+                             with module paths read off Dynamo's sources, described by
+                             `passes.match.layer_from_match`, checkpoint keys and values checked by
                              `checkpoint.check_tensors`; then merge=True replaces each target weight
                              by W' from `merge.fold_layer` (a graph constant; the model is
                              untouched), merge=False routes the layers whose method offers
@@ -67,7 +68,7 @@ from ..counters import COUNTERS
 from ..errors import AdapterError
 from ..names import PEFT_PREFIX
 from ..passes import method_for
-from ..passes.match import find_layer_nodes, layer_from_node, layer_operands
+from ..passes.match import find_layer_matches, layer_from_match, refresh
 from ..passes.method import Layer
 from ..spec import AdapterSpec, is_target
 from .merge import fold_layer
@@ -269,7 +270,8 @@ class AdapterBackend:
         if self.where is not None:
             # the same key normalisation and NaN/Inf refusal as ac.compile(model, dir); keys and shapes
             # are checked against each compiled graph (the model is not known before)
-            self.tensors = {method.checkpoint_key(k): v for k, v in tensors.items() if ".base_layer." not in k}
+            self.tensors = {method.checkpoint_key(k): v for k, v in tensors.items()
+                            if not checkpoint.is_saved_base_layer(k)}
             checkpoint.check_tensors(self.tensors, self.tensors, self.where, self._what)
         self._params: dict[str, dict] = {}  # fqn -> adapter tensors (created once, reused on recompiles)
         self._shared: dict[str, torch.Tensor] | None = None  # method.init_shared, once
@@ -290,16 +292,19 @@ class AdapterBackend:
         modules = {p.rsplit(".", 1)[0] for p in paths.values() if "." in p}
         modules |= {m for n in gm.graph.nodes if n.op == "call_function" and (m := _stack_module_path(n))}
         fqns = {m for m in modules if is_target(self.spec, m, self.spec.targets)}
-        found = find_layer_nodes(gm, fqns, weight_path=paths.get, module_fqn=_stack_module_path)
+        known = {p: id(values[n]) for n, p in paths.items()}  # tied weights: one placeholder, one tensor
+
+        def same_tensor(a, b):
+            return a == b or (a in known and b in known and known[a] == known[b])
+
+        # matched by the op's own module: a tied weight read by another module is not this layer
+        found = find_layer_matches(gm, {f: f"{f}.weight" for f in fqns}, weight_path=paths.get,
+                                   module_fqn=_stack_module_path, same_tensor=same_tensor)
         layers = {}
-        for fqn, nodes in found.items():
-            # a weight read by another module's op too (tied embeddings) is adapted in its own module's ops
-            own = [n for n in nodes if _stack_module_path(n) in (fqn, None)] or nodes
-            _, w_node, b_node = layer_operands(own[0])
-            layer = layer_from_node(fqn, own[0], values[w_node], has_bias=b_node is not None)
-            for node in own[1:]:
-                _, w_other, b_other = layer_operands(node)
-                other = layer_from_node(fqn, node, values[w_other], has_bias=b_other is not None)
+        for fqn, own in found.items():
+            layer = layer_from_match(fqn, own[0], values[own[0].weight])
+            for match in own[1:]:
+                other = layer_from_match(fqn, match, values[match.weight])
                 if other != layer:
                     raise AdapterError(
                         f"{fqn}: called as different layers in one graph ({layer.kind} and {other.kind}, or with other "
@@ -313,7 +318,7 @@ class AdapterBackend:
         """fqn -> the adapter's tensors on that layer (shared ones included), created on first use;
         from a checkpoint, its tensors for this graph's modules are validated first (CheckpointError)."""
         method, spec = self.method, self.spec
-        weights = {fqn: values[layer_operands(nodes[0])[1]] for fqn, (_, nodes) in layers.items()}
+        weights = {fqn: values[matches[0].weight] for fqn, (_, matches) in layers.items()}
         device = next(iter(weights.values())).device
         shared = self._shared
         if shared is None:
@@ -373,7 +378,7 @@ class AdapterBackend:
 
     def _merged(self, layer: Layer, nodes, p, values):
         """(W', b' or None) in the model's layout, folded like AdaptedModule.merge (float32 for halves)."""
-        _, w_node, b_node = layer_operands(nodes[0])
+        w_node, b_node = nodes[0].weight, nodes[0].bias
         if isinstance(b_node, fx.Node) and b_node not in values:
             raise AdapterError(f"{layer.fqn}: its bias is computed in the graph, not a parameter; merge=True cannot "
                                f"fold into it. Use ac.compile(model, spec).")
@@ -381,15 +386,17 @@ class AdapterBackend:
         return fold_layer(layer, [(self.method, self.spec, p)], values[w_node], b)
 
     def _use_merged(self, gm, layer: Layer, nodes, new_w, new_b) -> None:
-        _, w_node, b_node = layer_operands(nodes[0])
+        w_node, b_node = nodes[0].weight, nodes[0].bias
         w_const = _constant(gm, w_node, layer.fqn + ".weight", new_w, like=True)
         b_const = None
         if new_b is not None:
             b_const = _constant(gm, b_node, layer.fqn + ".bias", new_b.contiguous(), like=True)
-        for node in nodes:  # the layer's own ops; the placeholder stays for any other reader
-            node.replace_input_with(w_node, w_const)
-            if b_const is not None:
-                node.replace_input_with(b_node, b_const)
+        for match in nodes:  # the layer's own ops; the placeholder stays for any other reader
+            for node in {match.op, match.node, *[a for a in match.op.args if isinstance(a, fx.Node)]}:
+                if w_node in node.all_input_nodes and node.op != "placeholder":
+                    node.replace_input_with(w_node, w_const)
+                if b_const is not None and b_node in node.all_input_nodes:
+                    node.replace_input_with(b_node, b_const)
 
     def _kernel_operands(self, layer: Layer, p):
         operands = None if layer.transposed else self.method.kernel_operands(self.spec, layer, p, False)
@@ -403,16 +410,18 @@ class AdapterBackend:
     def _use_fused(self, gm, layer: Layer, nodes, operands) -> None:
         op = _fused_op()
         a_t, b_t, s = operands
-        _, w_node, _ = layer_operands(nodes[0])
+        w_node = nodes[0].weight
         a = _constant(gm, w_node, layer.fqn + ".lora_A", a_t.detach())
         b = _constant(gm, w_node, layer.fqn + ".lora_B", b_t.detach())
-        for node in nodes:
-            x, w, bias = layer_operands(node)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(op, (x, w, bias, a, b, s))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+        for match in nodes:
+            match = refresh(match)  # an earlier layer's rewrite may have rewired its input
+            with gm.graph.inserting_before(match.node):
+                new = gm.graph.call_function(op, (match.x, match.weight, match.bias, a, b, s))
+            new.meta.update(match.node.meta)
+            match.node.replace_all_uses_with(new)
+            for node in dict.fromkeys([match.node, match.op]):  # the op and its bias add; views go with DCE
+                if not node.users and not node._erased:
+                    gm.graph.erase_node(node)
 
 
 def _key_module(key: str, modules: set[str]) -> bool:

@@ -33,7 +33,7 @@ def base_gemm_flops(layer, tokens):
     """FLOPs of the frozen layer's own GEMM for `tokens` rows (conv: output pixels × patch size)."""
     if layer.kind == "embedding":
         return 0
-    k = layer.in_features // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    k = layer.in_features // layer.groups * layer.kernel_numel
     return 2 * tokens * k * layer.out_features
 
 

@@ -57,8 +57,8 @@ def token_count(x_val, layer) -> tuple[int, str]:
     if x_val is None:
         return 128, "?"
     shape = list(x_val.shape)
-    if layer.kind == "conv2d":
-        dims = [shape[0], *shape[2:]]  # batch × output pixels ≈ batch × input pixels / stride²
+    if layer.is_conv:
+        dims = [shape[0], *shape[2:]]  # batch × output positions ≈ batch × input positions / stride^n
     elif layer.kind == "embedding":
         dims = shape
     else:

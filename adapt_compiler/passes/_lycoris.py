@@ -29,7 +29,7 @@ def dropout_masks(spec, layer: Layer, training: bool, device, rescale: bool = Tr
 def apply_masks(delta: torch.Tensor, layer: Layer, keep, rows) -> torch.Tensor:
     """Scale an adapter output (…, d_out) or (N, d_out, H, W) by the dropout masks."""
     if rows is not None:
-        delta = delta * (rows.view(-1, 1, 1) if layer.kind == "conv2d" else rows).to(delta.dtype)
+        delta = delta * layer.channel_view(rows).to(delta.dtype)
     if keep is not None:
         delta = delta * keep.to(delta.dtype)
     return delta

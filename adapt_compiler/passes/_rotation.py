@@ -15,10 +15,13 @@ from .method import Layer
 
 
 def rotated_dim(layer: Layer) -> int:
-    """The length of the input vector the rotation acts on: d_in, or d_in·kh·kw for Conv2d."""
+    """The length of the vector the rotation acts on: d_in, d_in·kh·kw for Conv2d, and for an
+    Embedding (OFT rotates its output rows) the embedding dim."""
     if layer.kind == "conv2d":
         kh, kw = layer.kernel_size
         return layer.in_features * kh * kw
+    if layer.kind == "embedding":
+        return layer.weight_shape[1]
     return layer.in_features
 
 
@@ -79,7 +82,7 @@ def evaluate_rotated(layer: Layer, x, weight, bias, rotate, scale=None):
     """
     if layer.kind == "linear":
         y = F.linear(rotate(x), weight, None if scale is not None else bias)
-    elif layer.kernel_size == (1, 1):
+    elif layer.pointwise:
         # 1×1 conv: the patch is the channel vector; rotating before zero padding is the same
         xr = rotate(x.movedim(1, -1)).movedim(-1, 1)
         y = layer.conv(xr, weight, None if scale is not None else bias)

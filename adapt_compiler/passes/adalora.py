@@ -109,7 +109,7 @@ class AdaLoRAMethod(WeightMethod):
 
     def init_params(self, spec: AdaLoRA, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         r, dt = rank_of(spec, layer), weight.dtype
-        k = layer.kernel_size[0] * layer.kernel_size[1]
+        k = layer.kernel_numel
         a = torch.randn(r, layer.in_features * k, dtype=dt)  # (r, d_in·kh·kw)
         e = torch.randn(r, 1, dtype=dt)
         b = torch.randn(layer.out_features, r, dtype=dt)  # (d_out, r)
@@ -144,7 +144,7 @@ class AdaLoRAMethod(WeightMethod):
 
     def cost(self, spec, layer, tokens):
         r, d_out = rank_of(spec, layer), layer.out_features
-        d_in = layer.in_features * layer.kernel_size[0] * layer.kernel_size[1]
+        d_in = layer.in_features * layer.kernel_numel
         ae = r * d_in  # A⊙E, both orders
         act = ae + matmul_flops(tokens, d_in, r) + matmul_flops(tokens, r, d_out) + 2 * tokens * d_out
         weight = ae + matmul_flops(d_out, r, d_in) + 2 * d_out * d_in

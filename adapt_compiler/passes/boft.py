@@ -188,9 +188,9 @@ class BOFTMethod(WeightMethod):
         """PEFT's MultiplicativeDropoutLayer, same RNG calls in the same order (randint, then randperm)."""
         nf, d, b, _ = q.shape
         which = torch.randint(0, nf, (1,))
-        k = int(p * d)
-        mask = torch.cat([torch.ones(k, device=q.device), torch.zeros(d - k, device=q.device)])
-        mask = mask[torch.randperm(d)].view(1, d, 1, 1)
+        # PEFT: cat([ones(k), zeros(d - k)])[randperm(d)], i.e. 1 where perm < k: the same draw and mask,
+        # without indexing by a random permutation (which Inductor fails to compile)
+        mask = (torch.randperm(d, device=q.device) < int(p * d)).view(1, d, 1, 1).float()
         factor = (torch.arange(nf).view(nf, 1, 1, 1) == which).to(mask)  # one-hot, no .item() in the graph
         full = (factor * mask).to(q.dtype)
         eye = torch.eye(b, device=q.device, dtype=q.dtype)

@@ -3,10 +3,10 @@
     ΔW = s · (W1a·W1b) ⊙ (W2a·W2b)            s = alpha / r
     y  = x Wᵀ + b + x ΔWᵀ
 
-Parameters (PEFT names and shapes), fan_in = d_in (Linear) or d_in/groups·kh·kw (Conv2d):
+Parameters (PEFT names and shapes), fan_in = d_in (Linear) or d_in/groups·kernel (Conv1d, Conv2d):
     hada_w1_a, hada_w2_a (d_out, r)   hada_w1_b, hada_w2_b (r, fan_in)
-Conv2d with use_effective_conv2d and a kernel other than 1×1 (FedPara's Tucker form):
-    hada_t1, hada_t2 (r, r, kh, kw)   hada_w*_a (r, d_out)   hada_w*_b (r, d_in/groups)
+Conv1d/Conv2d with use_effective_conv2d and a kernel other than 1 (FedPara's Tucker form):
+    hada_t1, hada_t2 (r, r, kh, kw) (Conv1d: (r, r, k, 1), PEFT's layout)   hada_w*_a (r, d_out)   hada_w*_b (r, d_in/groups)
     rebuild_k = einsum("ijuv,jc,io->ocuv", t_k, w_k_b, w_k_a),  ΔW = s · rebuild_1 ⊙ rebuild_2
 
 Evaluation orders (PEFT always builds ΔW and then runs a second full-size GEMM/conv):
@@ -70,7 +70,7 @@ class LoHaMethod(WeightMethod):
     peft_type = "LOHA"
     prefix = "hada_"
     spec_type = LoHa
-    kinds = frozenset({"linear", "conv2d"})
+    kinds = frozenset({"linear", "conv1d", "conv2d"})  # PEFT: Linear, Conv1d, Conv2d
 
     # -- shapes and init -------------------------------------------------------------------
     def rank(self, spec: LoHa, layer: Layer) -> int:
@@ -80,8 +80,8 @@ class LoHaMethod(WeightMethod):
         return pattern_value(spec.alpha_pattern, layer.fqn, spec.alpha) / self.rank(spec, layer)
 
     def effective(self, spec: LoHa, layer: Layer) -> bool:
-        # PEFT turns the Tucker form off for 1×1 kernels (they are plain matmuls)
-        return spec.use_effective_conv2d and layer.kind == "conv2d" and layer.kernel_size != (1, 1)
+        # PEFT turns the Tucker form off for 1×1 (and Conv1d k=1) kernels: they are plain matmuls
+        return spec.use_effective_conv2d and layer.is_conv and not layer.pointwise
 
     def fan_in(self, layer: Layer) -> int:
         """Columns of the flattened ΔW: d_in, or d_in/groups·kh·kw for a conv."""
@@ -101,10 +101,10 @@ class LoHaMethod(WeightMethod):
     def init_params(self, spec: LoHa, layer: Layer, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         r, dt, d_out = self.rank(spec, layer), weight.dtype, layer.out_features
         if self.effective(spec, layer):
-            kh, kw = layer.kernel_size
+            k = (*layer.kernel_size, 1)[:2]  # PEFT keeps the core 4-D: Conv1d's is (r, r, k, 1)
             c = layer.weight_shape[1]  # d_in / groups
             shapes = {"hada_w1_a": (r, d_out), "hada_w1_b": (r, c), "hada_w2_a": (r, d_out),
-                      "hada_w2_b": (r, c), "hada_t1": (r, r, kh, kw), "hada_t2": (r, r, kh, kw)}
+                      "hada_w2_b": (r, c), "hada_t1": (r, r, *k), "hada_t2": (r, r, *k)}
         else:
             f = self.fan_in(layer)
             shapes = {"hada_w1_a": (d_out, r), "hada_w1_b": (r, f),
@@ -153,12 +153,12 @@ class LoHaMethod(WeightMethod):
     # -- evaluation --------------------------------------------------------------------------
     def delta(self, spec, layer, p, x, weight, training):
         P, Q = self.khatri_rao(spec, layer, p, x.dtype)
-        if layer.kind == "conv2d":
-            g = layer.groups
+        if layer.is_conv:
+            g, ones = layer.groups, [1] * layer.spatial
             # each group sees its own d_in/g channels: Q repeated per group, P as a grouped 1×1 conv
-            q = Q.reshape(Q.shape[0], *layer.weight_shape[1:]).repeat(g, 1, 1, 1)  # (g·r², d_in/g, kh, kw)
-            h = layer.conv(x, q)  # (N, g·r², H', W')
-            out = F.conv2d(h, P[:, :, None, None], groups=g)  # (N, d_out, H', W')
+            q = Q.reshape(Q.shape[0], *layer.weight_shape[1:]).repeat(g, 1, *ones)  # (g·r², d_in/g, *k)
+            h = layer.conv(x, q)  # (N, g·r², *spatial')
+            out = layer.conv(h, P.reshape(*P.shape, *ones), stride=1, padding=0, dilation=1)  # (N, d_out, ...)
         else:
             out = F.linear(F.linear(x, Q), P)  # (…, d_in) -> (…, r²) -> (…, d_out)
         keep, rows = dropout_masks(spec, layer, training, x.device)
@@ -171,8 +171,8 @@ class LoHaMethod(WeightMethod):
     def cost(self, spec, layer, tokens):
         """Forward FLOPs over the base op (lowering/cost.py adds traffic and the training backward)."""
         r, d_out, f = self.rank(spec, layer), layer.out_features, self.fan_in(layer)
-        g = layer.groups if layer.kind == "conv2d" else 1
-        t = tokens / math.prod(layer.stride) if layer.kind == "conv2d" else tokens  # output positions
+        g = layer.groups if layer.is_conv else 1
+        t = tokens / math.prod(layer.stride) if layer.is_conv else tokens  # output positions
         build = 2 * matmul_flops(d_out, r, f) + d_out * f  # two rank-r products and their ⊙
         kr_build = r * r * (d_out + f)  # the Khatri-Rao factors P and Q
         if self.effective(spec, layer):

@@ -106,7 +106,7 @@ class LoKrMethod(WeightMethod):
     peft_type = "LOKR"
     prefix = "lokr_"
     spec_type = LoKr
-    kinds = frozenset({"linear", "conv2d"})
+    kinds = frozenset({"linear", "conv1d", "conv2d"})  # PEFT: Linear, Conv1d, Conv2d
 
     # -- shapes and init -------------------------------------------------------------------
     def rank(self, spec: LoKr, layer: Layer) -> int:
@@ -121,8 +121,8 @@ class LoKrMethod(WeightMethod):
         c, d = factorization(layer.weight_shape[1], spec.decompose_factor)  # conv: d_in / groups
         full_w1 = not (spec.decompose_both and r < max(a, c) / 2)
         full_w2 = not (r < max(b, d) / 2)
-        k = layer.kernel_size if layer.kind == "conv2d" else ()
-        cp = (not full_w2) and spec.use_effective_conv2d and layer.kind == "conv2d" and k != (1, 1)
+        k = layer.kernel_size
+        cp = (not full_w2) and spec.use_effective_conv2d and layer.is_conv and not layer.pointwise
         return _Layout(a, b, c, d, r, k, full_w1, full_w2, cp)
 
     def check(self, spec: LoKr, layer: Layer) -> None:
@@ -143,7 +143,8 @@ class LoKrMethod(WeightMethod):
         if L.full_w2:
             shapes["lokr_w2"] = (L.b, L.d, *L.k)
         elif L.cp:
-            shapes.update(lokr_t2=(L.r, L.r, *L.k), lokr_w2_a=(L.r, L.b), lokr_w2_b=(L.r, L.d))
+            # PEFT keeps the core 4-D: Conv1d's is (r, r, k, 1)
+            shapes.update(lokr_t2=(L.r, L.r, *(*L.k, 1)[:2]), lokr_w2_a=(L.r, L.b), lokr_w2_b=(L.r, L.d))
         else:
             shapes.update(lokr_w2_a=(L.b, L.r), lokr_w2_b=(L.r, L.d * kk))
         return shapes
@@ -169,14 +170,15 @@ class LoKrMethod(WeightMethod):
         return p["lokr_w1_a"].to(dtype) @ p["lokr_w1_b"].to(dtype)  # (a, r)(r, c)
 
     def w2(self, layer: Layer, p, dtype) -> torch.Tensor:
-        """W2 as (b, d) for Linear, (b, d, kh, kw) for Conv2d."""
+        """W2 as (b, d) for Linear, (b, d, *kernel) for a conv."""
         if "lokr_w2" in p:
             return p["lokr_w2"].to(dtype)
         a, b = p["lokr_w2_a"].to(dtype), p["lokr_w2_b"].to(dtype)
         if "lokr_t2" in p:  # CP: w2[p,q,u,v] = Σ_ij t[i,j,u,v] a[i,p] b[j,q]
-            return torch.einsum("ijuv,ip,jq->pquv", p["lokr_t2"].to(dtype), a, b)
-        w2 = a @ b  # (b, r)(r, d·kh·kw)
-        if layer.kind == "conv2d":
+            w2 = torch.einsum("ijuv,ip,jq->pquv", p["lokr_t2"].to(dtype), a, b)
+            return w2.reshape(*w2.shape[:2], *layer.kernel_size)  # Conv1d: drop the core's trailing 1
+        w2 = a @ b  # (b, r)(r, d·kernel)
+        if layer.is_conv:
             w2 = w2.reshape(w2.shape[0], -1, *layer.kernel_size)
         return w2
 
@@ -196,16 +198,16 @@ class LoKrMethod(WeightMethod):
         s = self.scaling(spec, layer)
         w1 = self.w1(p, x.dtype) * s  # (a, c)
         a, c = w1.shape
-        if layer.kind == "conv2d":
+        if layer.is_conv:
             if layer.groups > 1:
                 # the Kronecker blocks do not line up with the conv groups: materialise (PEFT's way)
                 out = layer.conv(x, self.delta_weight(spec, layer, p, weight).to(x.dtype))
             else:
                 w2 = self.w2(layer, p, x.dtype)  # (b, d, kh, kw)
-                n, cd, h, w = x.shape
-                z = layer.conv(x.reshape(n * c, cd // c, h, w), w2)  # (N·c, b, H', W'): one conv per block
-                z = z.reshape(n, c, *z.shape[1:])  # (N, c, b, H', W')
-                out = torch.einsum("ak,nkbhw->nabhw", w1, z).flatten(1, 2)  # (N, a·b, H', W')
+                n, cd, *spatial = x.shape
+                z = layer.conv(x.reshape(n * c, cd // c, *spatial), w2)  # (N·c, b, *out): one conv per block
+                z = z.reshape(n, c, *z.shape[1:])  # (N, c, b, *out)
+                out = torch.einsum("ak,nkb...->nab...", w1, z).flatten(1, 2)  # (N, a·b, *out)
         else:
             lead = x.shape[:-1]
             xx = x.reshape(*lead, c, -1)  # (…, c, d)
@@ -226,7 +228,7 @@ class LoKrMethod(WeightMethod):
         L = self.layout(spec, layer)
         kk = math.prod(L.k) if L.k else 1
         d_out, f = layer.out_features, math.prod(layer.weight_shape[1:])
-        t = tokens / math.prod(layer.stride) if layer.kind == "conv2d" else tokens  # output positions
+        t = tokens / math.prod(layer.stride) if layer.is_conv else tokens  # output positions
         w1_build = 0 if L.full_w1 else matmul_flops(L.a, L.r, L.c)
         if L.full_w2:
             w2_build = 0
@@ -236,9 +238,9 @@ class LoKrMethod(WeightMethod):
             w2_build = matmul_flops(L.b, L.r, L.d * kk)
         build = w1_build + w2_build + d_out * f  # + the Kronecker product's d_out·fan_in mults
         mix = matmul_flops(L.a, L.c, t * L.b)  # W1 · Z
-        if layer.kind == "conv2d" and layer.groups > 1:
+        if layer.is_conv and layer.groups > 1:
             act_build, act = build, matmul_flops(t, d_out, f)
-        elif layer.kind == "conv2d":
+        elif layer.is_conv:
             act_build, act = w1_build + w2_build, matmul_flops(t * L.c, L.d * kk, L.b) + mix
         elif L.full_w2:
             act_build, act = w1_build, matmul_flops(t * L.c, L.d, L.b) + mix

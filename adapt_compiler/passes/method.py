@@ -12,13 +12,15 @@ with ``register(...)``. The pipeline never special-cases a method: it asks the m
 * merge (``merged_weight`` under no_grad) and map params to PEFT state-dict keys.
 
 Weights are always seen in canonical layout: Linear and HF Conv1D as (d_out, d_in) (Conv1D is
-transposed for the method and back for the model), Conv2d as (d_out, d_in/groups, kh, kw),
-Embedding as (num_embeddings, dim).
+transposed for the method and back for the model), Conv1d/2d/3d as (d_out, d_in/groups, *kernel),
+Embedding as (num_embeddings, dim), a targeted nn.Parameter as stored ((d_out, d_in) or MoE experts'
+(experts, ·, ·)).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Hashable, Mapping
 
@@ -30,6 +32,15 @@ import torch.nn.functional as F
 from ..errors import AdapterError, AdapterShapeError
 
 PREPARED = "_prepared"  # key of a layer's `prepare_group` result in the params its forward receives
+# key under which `init_params` may return the layer's new frozen base weight (canonical layout): PiSSA,
+# OLoRA, CorDA start from W's principal part, so the base becomes W − s·B₀A₀. The caller swaps it into
+# its frozen copy of the weight (never the user's model) and restores it when the adapter is deleted.
+BASE_WEIGHT = "_ac_base_weight"
+
+
+# conv layer kinds and their number of spatial dims (F.conv1d / conv2d / conv3d)
+CONV_KINDS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -37,18 +48,62 @@ class Layer:
     """What a method needs to know about one target layer (never the module itself)."""
 
     fqn: str
-    kind: str  # "linear" | "conv2d" | "embedding"
+    # "linear" | "conv1d" | "conv2d" | "conv3d" | "embedding" | "parameter" (a bare nn.Parameter, PEFT's
+    # target_parameters: the slot maps W to W' wherever the graph reads it)
+    kind: str
     weight_shape: tuple[int, ...]  # canonical layout (see module docstring)
     has_bias: bool
     dtype: torch.dtype
-    transposed: bool = False  # HF Conv1D: stored as (d_in, d_out)
-    stride: tuple[int, int] = (1, 1)
+    transposed: bool = False  # stored as (d_in, d_out): HF Conv1D, `x @ W` matmuls
+    stride: tuple[int, ...] = (1, 1)
     padding: Any = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
     padding_idx: int | None = None
     max_norm: float | None = None
     embed_scale: float | None = None
+    # where PEFT keeps this layer's adapter tensors (`<peft_path>.lora_A.weight`), when it is not `fqn`:
+    # MultiheadAttention's out_proj (`mha.base_layer.out_proj`), a targeted nn.Parameter (its module,
+    # nested `base_layer.` once per later-wrapped parameter of the same module)
+    peft_path: str | None = None
+    # the tensors the layer op reads as its weight and bias, when not `<fqn>.weight` / `.bias` (MHA's in_proj)
+    weight_name: str = "weight"
+    bias_name: str = "bias"
+    # PEFT folds the adapter into the weight around each call (MultiheadAttention): no input dropout
+    weight_only: bool = False
+    # a factor on the adapter's delta: PEFT 0.21.2 merges MultiheadAttention's out_proj delta twice per
+    # call (once itself, once through the wrapped out_proj), in forward and in merge_and_unload alike, so
+    # its checkpoints mean 2·s·B·A there; we keep that meaning (see describe_layers)
+    delta_factor: float = 1.0
+    # a targeted nn.Parameter: "out_in" ((d_out, d_in), or MoE experts (E, d_out, d_in)) or "in_out"
+    # (experts stored (E, d_in, d_out), transformers' `is_transposed`)
+    layout: str = ""
+    # an embedding weight whose rows at these indices are replaced by trainable ones (PEFT's
+    # trainable_token_indices); the slot serves every read of the weight (tied output heads too)
+    token_indices: tuple[int, ...] = ()
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind in CONV_KINDS
+
+    @property
+    def spatial(self) -> int:
+        """Spatial dims of a conv (1, 2, 3); 0 for every other kind."""
+        return CONV_KINDS.get(self.kind, 0)
+
+    @property
+    def weight_fqn(self) -> str:
+        """The FQN of the tensor the layer reads as its weight (a targeted parameter: itself)."""
+        return self.fqn if self.kind == "parameter" else f"{self.fqn}.{self.weight_name}"
+
+    @property
+    def bias_fqn(self) -> str:
+        return f"{self.fqn}.{self.bias_name}"
+
+    @property
+    def key_path(self) -> str:
+        """The module path PEFT's state-dict keys of this layer start with."""
+        return self.peft_path or self.fqn
 
     @property
     def out_features(self) -> int:
@@ -56,32 +111,48 @@ class Layer:
 
     @property
     def in_features(self) -> int:
-        """d_in as the adapter sees it: Conv2d counts d_in (not d_in/groups · k · k)."""
+        """d_in as the adapter sees it: a conv counts d_in (not d_in/groups · kernel)."""
         if self.kind == "embedding":
             return self.weight_shape[0]
-        if self.kind == "conv2d":
+        if self.is_conv:
             return self.weight_shape[1] * self.groups
-        return self.weight_shape[1]
+        return self.weight_shape[-1]
 
     @property
-    def kernel_size(self) -> tuple[int, int]:
-        return tuple(self.weight_shape[2:]) if self.kind == "conv2d" else (1, 1)
+    def kernel_size(self) -> tuple[int, ...]:
+        """A conv's kernel (k,), (kh, kw) or (kd, kh, kw); () for every other kind."""
+        return tuple(self.weight_shape[2:]) if self.is_conv else ()
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def pointwise(self) -> bool:
+        """A conv whose kernel is 1 in every spatial dim (a per-position matmul)."""
+        return self.is_conv and all(k == 1 for k in self.kernel_size)
+
+    def channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector (d_out,) shaped to broadcast over this layer's output."""
+        return v.reshape(1, -1, *[1] * self.spatial) if self.is_conv else v.reshape(-1)
 
     def base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The frozen layer's own op with a (possibly adapted) canonical weight."""
         if self.kind == "linear":
             return F.linear(x, weight, bias)
-        if self.kind == "conv2d":
-            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.is_conv:
+            return self.conv(x, weight, bias)
         if self.kind == "embedding":
             return F.embedding(x, weight, self.padding_idx, self.max_norm)
+        if self.kind == "parameter":  # the adapted parameter itself is the layer's output
+            return weight
         raise AssertionError(self.kind)
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias=None, **overrides) -> torch.Tensor:
-        """F.conv2d with this layer's geometry, optionally overridden (e.g. groups=1, 1x1 stride)."""
+        """F.conv{1,2,3}d with this layer's geometry, optionally overridden (e.g. groups=1, 1x1 stride)."""
         kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
         kw.update(overrides)
-        return F.conv2d(x, weight, bias, **kw)
+        return _CONV_FNS[self.spatial](x, weight, bias, **kw)
 
 
 class WeightMethod:
@@ -101,7 +172,22 @@ class WeightMethod:
     # params that are state, not trained (e.g. AdaLoRA's ranknum): registered as buffers
     buffer_names: ClassVar[frozenset[str]] = frozenset()
 
-    # -- shapes and init -------------------------------------------------------------------
+    # -- targets, shapes and init -------------------------------------------------------------
+    def resolve_spec(self, spec, model):
+        """The spec as it applies to `model`, before anything is created (PEFT rewrites its config the same
+        way, and the saved config says what was adapted). Default: unchanged."""
+        return spec
+
+    def parameter_layers(self, spec, model) -> dict[str, Layer]:
+        """Layers of kind "parameter" the spec adds besides its target modules (LoRA's
+        target_parameters and trainable_token_indices), by parameter FQN. Default: none."""
+        return {}
+
+    def buffers(self, spec) -> frozenset[str]:
+        """Names of the tensors `init_params` creates that are state, not trained (registered as
+        buffers: saved, never handed to the optimizer). Default: the method's `buffer_names`."""
+        return self.buffer_names
+
     def check(self, spec, layer: Layer) -> None:
         """Raise AdapterShapeError naming layer.fqn and the fix if the layer cannot be adapted."""
         if layer.kind not in self.kinds:

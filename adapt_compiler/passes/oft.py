@@ -38,9 +38,9 @@ def multiplicative_dropout(blocks, p: float):
     k, b, _ = blocks.shape
     if k == 1:  # block_share: PEFT skips it
         return blocks
-    n = int(p * k)
-    mask = torch.cat([torch.ones(n, device=blocks.device), torch.zeros(k - n, device=blocks.device)])
-    mask = mask[torch.randperm(k)].view(k, 1, 1).to(blocks.dtype)
+    # PEFT: cat([ones(n), zeros(k - n)])[randperm(k)]; entry j is 1 iff perm[j] < n. Same draw, same
+    # mask, without indexing by a random permutation (which Inductor fails to compile: slice_shape)
+    mask = (torch.randperm(k, device=blocks.device) < int(p * k)).view(k, 1, 1).to(blocks.dtype)
     eye = torch.eye(b, device=blocks.device, dtype=blocks.dtype)
     return (1 - mask) * blocks + mask * eye
 
@@ -97,7 +97,7 @@ class OFTMethod(WeightMethod):
     peft_type = "OFT"
     prefix = "oft_"
     spec_type = OFT
-    kinds = frozenset({"linear", "conv2d"})
+    kinds = frozenset({"linear", "conv2d", "embedding"})  # PEFT: Linear, Conv2d, Embedding
     merge_kind = "multiplicative"
 
     # -- shapes ----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class OFTMethod(WeightMethod):
         super().check(spec, layer)
         check_orthogonal_layer("OFT", layer)
         n = rotated_dim(layer)
-        what = "d_in" if layer.kind == "linear" else "d_in·kh·kw"
+        what = {"linear": "d_in", "embedding": "the embedding dim"}.get(layer.kind, "d_in·kh·kw")
         given, field = (spec.oft_block_size, "oft_block_size") if spec.oft_block_size else (spec.r, "r")
         # PEFT silently moves a non-divisor to the nearest divisor; we refuse, before anything changes
         if n % given or given > n:
@@ -187,11 +187,17 @@ class OFTMethod(WeightMethod):
 
     # -- evaluation ----------------------------------------------------------------------------
     def forward(self, spec, layer, p, x, weight, bias, training):
+        if layer.kind == "embedding":  # PEFT rotates the looked-up rows: E[x]·BD(R)
+            out = layer.base(x, weight, None)
+            blocks = self.rotation_blocks(spec, p, training).to(out.dtype)
+            return block_rotate(out, blocks)
         blocks = self.rotation_blocks(spec, p, training).to(x.dtype)
         return evaluate_rotated(layer, x, weight, bias, lambda h: block_rotate(h, blocks))
 
     def merged_weight(self, spec, layer, p, weight, bias):
         blocks = self.rotation_blocks(spec, p).to(weight.dtype)
+        if layer.kind == "embedding":  # E' = E·BD(R): every row rotated as the forward rotates it
+            return block_rotate(weight, blocks), bias
         # W' = W·BD(R)ᵀ: each row of W times the transposed blocks
         return merged_rows(weight, lambda w: block_rotate(w, blocks.transpose(-2, -1))), bias
 
@@ -201,6 +207,8 @@ class OFTMethod(WeightMethod):
     def cost(self, spec, layer, tokens):
         r, b = self.blocks(spec, layer)
         n, d_out = rotated_dim(layer), layer.out_features
+        if layer.kind == "embedding":
+            d_out = layer.weight_shape[0]  # rows to rotate when merging: the whole table
         k = 1 if spec.block_share else r
         if spec.use_cayley_neumann:
             build = k * max(spec.num_cayley_neumann_terms - 2, 0) * 2 * b**3
@@ -210,6 +218,8 @@ class OFTMethod(WeightMethod):
 
     # -- PEFT interop ----------------------------------------------------------------------------
     def peft_key(self, param_name, layer):
+        if layer.kind == "embedding":
+            return {"oft_R": "oft_embedding_R.weight"}.get(param_name, param_name)
         return {"oft_R": "oft_R.weight"}.get(param_name, param_name)
 
     def to_peft_config(self, spec: OFT) -> dict:
@@ -251,7 +261,7 @@ class OFTMethod(WeightMethod):
     def spec_from_tensors(self, spec: OFT, tensors: dict) -> OFT:
         """PEFT moves a non-dividing r / oft_block_size per layer but saves the configured value:
         when every layer's tensor agrees on one block size (or one block count), use that."""
-        shapes = [tuple(t.shape) for k, t in tensors.items() if k.endswith("oft_R.weight")]
+        shapes = [tuple(t.shape) for k, t in tensors.items() if k.endswith(("oft_R.weight", "oft_embedding_R.weight"))]
         if not shapes:
             return spec
         sizes = {block_size_from(s[1]) for s in shapes}

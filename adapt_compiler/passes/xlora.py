@@ -274,6 +274,11 @@ class XLoRAMethod(GraphMethod):
         spec = table.specs[name]
         graph = gm.graph
         found = find_layer_nodes(gm, set(holder.layer_fqns))
+        odd = [f for f, ns in found.items() if any(n.target is not aten.linear.default for n in ns)]
+        if odd:
+            raise AdapterError(
+                f"XLoRA: expert layers {odd[:3]} are computed as another pattern than aten.linear (e.g. x @ W.T); "
+                f"X-LoRA experts adapt plain Linear ops here. Narrow the experts' targets.")
         missing = [f for f in holder.layer_fqns if f not in found]
         if missing:
             raise AdapterError(
