@@ -21,6 +21,7 @@ from . import checkpoint, pipeline
 from .capture import Captured, fits, signature
 from .counters import COUNTERS
 from .errors import AdapterError
+from .integrations.generation import GenerationSupport
 from .integrations.hf_model import HFModelAttributes
 from .lowering import lowering_name
 from .lowering import merge as merging
@@ -54,7 +55,7 @@ class _Disabled(contextlib.AbstractContextManager):
         return False
 
 
-class AdaptedModule(HFModelAttributes, nn.Module):
+class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
                  verify: bool = True):
         super().__init__()
@@ -223,6 +224,10 @@ class AdaptedModule(HFModelAttributes, nn.Module):
     def active_adapters(self) -> tuple[str, ...]:
         return self.state.active
 
+    def adapter_names_known(self) -> set[str]:
+        """Every adapter name a call may use (adapter_names=, set_adapter)."""
+        return set(self.state.specs)
+
     def set_adapter(self, names) -> None:
         names = (names,) if isinstance(names, str) else tuple(names)
         unknown = [n for n in names if n not in self.state.specs]
@@ -259,9 +264,14 @@ class AdaptedModule(HFModelAttributes, nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names=None, **kwargs):
+        return self._run(args, kwargs, adapter_names)
+
+    def _run(self, args: tuple, kwargs: dict, adapter_names=None, root: tuple | None = None):
+        """One call through the adapted graphs. `root` = (name, module): capture that module instead of the
+        whole model, e.g. an encoder view with the model's own parameter names (integrations/generation.py)."""
         if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
             return self._traced_forward(args, kwargs, adapter_names)
-        entry = self._entry_for(args, kwargs)
+        entry = self._entry_for(args, kwargs, root)
         self._traced[_structure_key(self.training, args, kwargs)] = entry
         variant = self._variant(adapter_names)
         if adapter_names is not None:
@@ -299,15 +309,17 @@ class AdaptedModule(HFModelAttributes, nn.Module):
             return "disabled"
         return "merged" if self._merged else "adapted"
 
-    def _entry_for(self, args, kwargs) -> _Entry:
-        key = (self.training, signature(args, kwargs))
+    def _entry_for(self, args, kwargs, root: tuple | None = None) -> _Entry:
+        key = (self.training, signature(args, kwargs)) if root is None else (self.training, root[0],
+                                                                             signature(args, kwargs))
         entries = self._graphs.setdefault(key, [])
         for entry in entries:
             if fits(entry.captured, args, kwargs):
                 return entry
         mode = "train" if self.training else "eval"
-        with status(f"capturing {type(self._model).__name__} ({mode}) with torch.export"):
-            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen))
+        target = self._model if root is None else root[1]
+        with status(f"capturing {type(target).__name__} ({mode}) with torch.export"):
+            entry = _Entry(pipeline.capture(target, args, kwargs, self.training, self.table.frozen))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
@@ -337,7 +349,7 @@ class AdaptedModule(HFModelAttributes, nn.Module):
 
     def latest_graph(self, variant: str = "adapted") -> fx.GraphModule:
         """The most recently captured graph of the current mode (else of any mode)."""
-        entries = [e for (training, _), es in self._graphs.items() if training == self.training for e in es]
+        entries = [e for (training, *_), es in self._graphs.items() if training == self.training for e in es]
         entries = entries or [e for es in self._graphs.values() for e in es]
         if not entries:
             raise AdapterError(
@@ -441,7 +453,7 @@ class AdaptedModule(HFModelAttributes, nn.Module):
     def _checks(self) -> list:
         """(graph description, guard verdict) of every compiled graph built so far."""
         out = []
-        for (training, _), entries in self._graphs.items():
+        for (training, *_), entries in self._graphs.items():
             for i, entry in enumerate(entries):
                 for variant, fn in entry.lowered.items():
                     gm = entry.graphs[variant]
