@@ -42,6 +42,7 @@ class _Entry:
     """The graphs of one capture (mode + input structure), built and lowered lazily per variant."""
 
     captured: Captured
+    expects: object = None  # target FQN -> whether this graph must run it (a part of the model); None: all
     graphs: dict = field(default_factory=dict)  # variant -> GraphModule
     lowered: dict = field(default_factory=dict)  # variant -> callable
 
@@ -267,8 +268,9 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         return self._run(args, kwargs, adapter_names)
 
     def _run(self, args: tuple, kwargs: dict, adapter_names=None, root: tuple | None = None):
-        """One call through the adapted graphs. `root` = (name, module): capture that module instead of the
-        whole model, e.g. an encoder view with the model's own parameter names (integrations/generation.py)."""
+        """One call through the adapted graphs. `root` = (name, module, expects): capture `module` instead of
+        the whole model (e.g. an encoder view with the model's own parameter names, integrations/generation.py);
+        `expects(fqn)` says which target layers that graph must run (others may be absent from it)."""
         if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
             return self._traced_forward(args, kwargs, adapter_names)
         entry = self._entry_for(args, kwargs, root)
@@ -319,14 +321,15 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         mode = "train" if self.training else "eval"
         target = self._model if root is None else root[1]
         with status(f"capturing {type(target).__name__} ({mode}) with torch.export"):
-            entry = _Entry(pipeline.capture(target, args, kwargs, self.training, self.table.frozen))
+            entry = _Entry(pipeline.capture(target, args, kwargs, self.training, self.table.frozen),
+                           None if root is None else root[2])
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
 
     def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:
         if variant not in entry.graphs:
-            entry.graphs[variant] = pipeline.build(entry.captured, self.table, variant)
+            entry.graphs[variant] = pipeline.build(entry.captured, self.table, variant, entry.expects)
         return entry.graphs[variant]
 
     def _lowered(self, entry: _Entry, variant: str):

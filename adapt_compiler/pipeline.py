@@ -43,8 +43,9 @@ VARIANTS = ("adapted", "mixed", "merged", "disabled")
 __all__ = ["VARIANTS", "build", "capture", "lower"]
 
 
-def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModule:
-    """The graph of one variant of one capture (see the module docstring)."""
+def build(captured: Captured, table: AdapterTable, variant: str, expects=None) -> fx.GraphModule:
+    """The graph of one variant of one capture (see the module docstring). `expects(fqn)`: whether the
+    capture must run that target layer (it is a part of the model, e.g. an encoder); None: every one."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
     training = captured.training
@@ -56,7 +57,7 @@ def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModu
         layers = {s.layer.fqn: (tuple(s.methods), ",".join(sorted({m.name for m in s.methods.values()})))
                   for s in table.slots.values()}
         if layers:
-            insert_weight_adapters(gm, layers)  # 3
+            insert_weight_adapters(gm, layers, None if expects is None else {f for f in layers if expects(f)})  # 3
             _debug_print(gm, "insert_weight_adapters", variant)
         for name, spec in table.specs.items():  # 4
             method = method_for(spec)

@@ -155,7 +155,14 @@ class _Driver:
 
     def forward(self, *args, **kwargs):
         kwargs = _drop_defaults(kwargs)
-        return self._ac_adapted._run(args, kwargs, _names_for(self._ac_names, args, kwargs))
+        root = None
+        if kwargs.get("encoder_outputs") is not None:  # the decoder's calls: the encoder does not run
+            root = self._decoder_root()
+        return self._ac_adapted._run(args, kwargs, _names_for(self._ac_names, args, kwargs), root=root)
+
+    def _decoder_root(self):
+        # neither the encoder's layers nor, once cached, cross-attention's K/V projections run
+        return ("decoder", self._ac_model, lambda fqn: False)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self._ac_model.prepare_inputs_for_generation(*args, **kwargs)
@@ -263,7 +270,7 @@ class _AdaptedEncoder:
         self.main_input_name = getattr(encoder, "main_input_name", driver.main_input_name)
         view_cls = type(f"Adapted{type(encoder).__name__}", (_SubmoduleView,),
                         {"forward": _with_signature(_SubmoduleView.forward, type(encoder).forward)})
-        self.root = (f"encoder:{path}", view_cls(model, path))
+        self.root = (f"encoder:{path}", view_cls(model, path), lambda fqn: fqn.startswith(path + "."))
         self.forward = _with_signature(lambda *a, **k: None, encoder.forward)  # generate reads the signature
 
     def __call__(self, *args, **kwargs):
