@@ -284,17 +284,21 @@ def _check(driver, args, kwargs, adapter_names):
     """Validate one generate call; AdapterError naming the argument, before any state changes."""
     gen_kwargs = dict(kwargs)
     config_obj = gen_kwargs.pop("generation_config", None)
-    for name in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "streamer",
+    for name in ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                  "negative_prompt_ids", "negative_prompt_attention_mask"):
         gen_kwargs.pop(name, None)
+    streamer = gen_kwargs.pop("streamer", None)
     for name in ("assistant_model", "custom_generate"):
         if kwargs.get(name) is not None:
             raise AdapterError(f"generate(): {name}= is not supported with adapt_compiler (it runs another model or "
                                f"another loop); drop it.")
+    _check_cache_objects(kwargs)
     try:
+        mode_kwargs = driver._extract_generation_mode_kwargs(None, gen_kwargs, None, None, streamer)
         config, model_kwargs = driver._prepare_generation_config(config_obj, **gen_kwargs)
         config.validate()  # HF's own check: raises for invalid settings, warns for ignored ones
         driver._validate_model_kwargs(dict(model_kwargs))
+        driver._validate_generation_mode(config.get_generation_mode(None), config, mode_kwargs)
     except AdapterError:
         raise
     except (ValueError, TypeError) as err:
@@ -336,6 +340,9 @@ def _check_cache(config, kwargs) -> None:
     if impl not in SUPPORTED_IMPLEMENTATIONS:
         raise AdapterError(f"generate(): cache_implementation={impl!r} is not supported; use one of "
                            f"{[i for i in SUPPORTED_IMPLEMENTATIONS if i]} (or leave it unset for a DynamicCache).")
+
+
+def _check_cache_objects(kwargs) -> None:
     for name in ("past_key_values", "cache"):
         cache = kwargs.get(name)
         if cache is None:
@@ -358,7 +365,7 @@ def _check_static_length(config, kwargs, args, driver) -> None:
     parts = _static_parts(cache) if cache is not None else []
     if not parts:
         return
-    limit = min(p.get_max_cache_shape() for p in parts[:1])
+    limit = int(parts[0].get_max_length())
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("decoder_input_ids"))
     prompt = int(inputs.shape[-1]) if isinstance(inputs, torch.Tensor) and not driver.config.is_encoder_decoder else 1
     past = int(parts[0].get_seq_length())
