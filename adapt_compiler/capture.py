@@ -40,12 +40,17 @@ class InputRule:
     `finds(args, kwargs)`: does this call carry the input? (It may register pytree nodes, so it runs
     before anything is flattened.) `key(args, kwargs)`: what else tells two calls' graphs apart (e.g.
     prefill vs decode), added to the structure key. `dynamic_shapes(arguments, default)`: the export
-    spec per named argument, given the default spec function for one value."""
+    spec per named argument, given the default spec function for one value. `flat`: graphs of such
+    calls are compiled over their flat leaves (lowering/step.py). `memo(args, kwargs)`: a cheap key
+    under which a call's graph may be found again without flattening it (None: no shortcut), valid
+    while the objects it names by identity live; e.g. one static KV cache's decode steps."""
 
     name: str
     finds: Callable[[tuple, dict], bool]
     key: Callable[[tuple, dict], Hashable]
     dynamic_shapes: Callable[[dict, Callable[[Any], Any]], dict]
+    flat: bool = False
+    memo: Callable[[tuple, dict], Hashable | None] | None = None
 
 
 INPUT_RULES: list[InputRule] = []
@@ -58,6 +63,21 @@ def register_input_rule(rule: InputRule) -> None:
 
 def _rules_for(args: tuple, kwargs: dict) -> list[InputRule]:
     return [r for r in INPUT_RULES if r.finds(args, kwargs)]
+
+
+def memo_key(args: tuple, kwargs: dict):
+    """(the rule's memo key, the objects it names) for a call a rule can find again cheaply, else None."""
+    for rule in INPUT_RULES:
+        if rule.memo is not None:
+            found = rule.memo(args, kwargs)
+            if found is not None:
+                return (rule.name, found[0]), found[1]
+    return None
+
+
+def compiled_flat(args: tuple, kwargs: dict) -> bool:
+    """Whether graphs of this call are compiled over flat leaves (an input rule says so)."""
+    return any(r.flat for r in _rules_for(args, kwargs))
 
 
 def signature(args: tuple, kwargs: dict):

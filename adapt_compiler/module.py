@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from . import checkpoint, pipeline
-from .capture import Captured, fits, signature
+from .capture import Captured, compiled_flat, fits, memo_key, signature
 from .counters import COUNTERS
 from .errors import AdapterError
 from .integrations.generation import GenerationSupport
@@ -43,6 +44,7 @@ class _Entry:
 
     captured: Captured
     expects: object = None  # target FQN -> whether this graph must run it (a part of the model); None: all
+    flat: bool = False  # compiled over flat leaves (calls that carry a KV cache: lowering/step.py)
     graphs: dict = field(default_factory=dict)  # variant -> GraphModule
     lowered: dict = field(default_factory=dict)  # variant -> callable
 
@@ -75,6 +77,7 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
         self._graphs: dict = {}  # (training, input signature) -> [_Entry]
         self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
+        self._memo: dict = {}  # an input rule's cheap key -> (weakrefs of the objects it names, entry)
         self._enabled = True
         self._merged = False
         for name, spec in specs.items():
@@ -312,6 +315,19 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         return "merged" if self._merged else "adapted"
 
     def _entry_for(self, args, kwargs, root: tuple | None = None) -> _Entry:
+        memo = memo_key(args, kwargs)  # e.g. the next decode step of the same static KV cache: no flattening
+        if memo is not None:
+            hit = self._memo.get((self.training, root and root[0], memo[0]))
+            if hit is not None and all(ref() is obj for ref, obj in zip(hit[0], memo[1])):
+                return hit[1]
+        entry = self._find_or_capture(args, kwargs, root)
+        if memo is not None:
+            if len(self._memo) >= 16:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[(self.training, root and root[0], memo[0])] = ([weakref.ref(o) for o in memo[1]], entry)
+        return entry
+
+    def _find_or_capture(self, args, kwargs, root: tuple | None) -> _Entry:
         key = (self.training, signature(args, kwargs)) if root is None else (self.training, root[0],
                                                                              signature(args, kwargs))
         entries = self._graphs.setdefault(key, [])
@@ -322,7 +338,7 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         target = self._model if root is None else root[1]
         with status(f"capturing {type(target).__name__} ({mode}) with torch.export"):
             entry = _Entry(pipeline.capture(target, args, kwargs, self.training, self.table.frozen),
-                           None if root is None else root[2])
+                           None if root is None else root[2], compiled_flat(args, kwargs))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
@@ -334,7 +350,8 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
 
     def _lowered(self, entry: _Entry, variant: str):
         if variant not in entry.lowered:
-            entry.lowered[variant] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
+            lower = pipeline.lower_flat if entry.flat else pipeline.lower
+            entry.lowered[variant] = lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
         return entry.lowered[variant]
 
     def capture(self, args=(), kwargs=None) -> None:
@@ -470,6 +487,7 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
     def invalidate_graphs(self) -> None:
         self._graphs.clear()
         self._traced.clear()
+        self._memo.clear()
 
 
 def _structure_key(training: bool, args: tuple, kwargs: dict) -> tuple:

@@ -4,6 +4,8 @@
     gm = build(captured, table, variant)                   # the adapter passes and the plan, below
     fn = lower(gm, how, table, verify)                     # torch.compile (Inductor) or the FX graph as is;
                                                            # its first call checked against the FX graph
+                                                           # (lower_flat: the same over flat leaves, for
+                                                           # calls that carry a KV cache)
 
 `build` runs, on a fresh copy of the captured graph (the captured graph itself is never changed):
 
@@ -36,11 +38,12 @@ from . import lowering
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
 from .lowering.plan import plan_layers
+from .lowering.step import FlatStep
 from .table import AdapterTable
 
 VARIANTS = ("adapted", "mixed", "merged", "disabled")
 
-__all__ = ["VARIANTS", "build", "capture", "lower"]
+__all__ = ["VARIANTS", "build", "capture", "lower", "lower_flat"]
 
 
 def build(captured: Captured, table: AdapterTable, variant: str, expects=None) -> fx.GraphModule:
@@ -91,6 +94,14 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
         fallbacks=[("eager", lambda: gm)],
         what=what,
     )
+
+
+def lower_flat(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True) -> FlatStep:
+    """`lower`, for a graph called with stateful containers (a KV cache): the compiled code takes and
+    returns flat tensors, and the containers are handled outside it (lowering/step.py)."""
+    step = FlatStep(gm)
+    step.fn = lower(step.gm, how, table, verify)
+    return step
 
 
 def _rooted_copy(captured: Captured, table: AdapterTable) -> fx.GraphModule:

@@ -158,5 +158,34 @@ def _warn_if_per_step(cache) -> None:
         )
 
 
-KV_CACHE_RULE = InputRule("kv_cache", _finds, _key, _dynamic_shapes)
+def _memo(args: tuple, kwargs: dict):
+    """A static cache's decode steps: (id of the cache, the other inputs' shapes and values), the cache.
+    Its Python state does not change between these steps (the tensors are updated in place), so the
+    structure key is the same; sliding-window layers and a cross-attention cache not yet filled do."""
+    if args:
+        return None
+    cache = cache_of(kwargs)
+    if cache is None or not is_static(cache) or query_length(kwargs) != 1:
+        return None
+    layers = [*getattr(cache, "layers", ()),
+              *(layer for part in ("self_attention_cache", "cross_attention_cache")
+                for layer in getattr(getattr(cache, part, None), "layers", ()))]
+    if any(getattr(layer, "is_sliding", False) for layer in layers):
+        return None
+    if not all(getattr(cache, "is_updated", {0: True}).values()):
+        return None
+    parts = []
+    for name, value in kwargs.items():
+        if value is cache:
+            continue
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            parts.append((name, value))
+        else:
+            return None  # e.g. encoder_outputs: flattened the long way
+    return (id(cache), tuple(parts)), (cache,)
+
+
+KV_CACHE_RULE = InputRule("kv_cache", _finds, _key, _dynamic_shapes, flat=True, memo=_memo)
 register_input_rule(KV_CACHE_RULE)
