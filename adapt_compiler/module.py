@@ -28,9 +28,11 @@ from .lowering import lowering_name
 from .lowering import merge as merging
 from .lowering.mixed import check_adapter_names
 from .lowering.plan import decisions_of
+from .lowering.pool import AdapterPool, pool_indices
 from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
+from .passes.lora import LoRA
 from .passes.match import describe_layer, layer_kind
 from .progress import status
 from .report import build_report
@@ -60,7 +62,7 @@ class _Disabled(contextlib.AbstractContextManager):
 
 class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
-                 verify: bool = True):
+                 verify: bool = True, pool: dict | None = None):
         super().__init__()
         if not specs:
             raise AdapterError("compile(): no adapter spec given; pass e.g. ac.LoRA(r=8, targets=[...]).")
@@ -80,6 +82,11 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         self._memo: dict = {}  # an input rule's cheap key -> (weakrefs of the objects it names, entry)
         self._enabled = True
         self._merged = False
+        self._pool_active = None  # the pool adapter set_adapter chose, if any
+        if pool is not None:  # ac.compile(..., max_adapters=N, max_rank=r): a pool over the specs' targets
+            fqns = [f for spec in specs.values() if not isinstance(method_for(spec), GraphMethod)
+                    for f in resolve_targets(spec, model, layer_kind)]
+            self._reserve(list(dict.fromkeys(fqns)), **pool)
         for name, spec in specs.items():
             self.add_adapter(name, spec, (sub_adapters or {}).get(name))
         self.set_adapter(next(iter(specs)))
@@ -121,11 +128,14 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
 
     def add_adapter(self, name: str, spec, sub_adapters: dict | None = None) -> None:
         """Create an adapter's parameters now (users build the optimizer before the first call).
-        `sub_adapters`: a graph method's sub-adapters as read by checkpoint.read_sub_adapters."""
+        `sub_adapters`: a graph method's sub-adapters as read by checkpoint.read_sub_adapters.
+        With a serving pool (reserve), a plain low-rank adapter goes into a free slot instead."""
         if not isinstance(name, str) or not name or "." in name:
             raise AdapterError(f"adapter name {name!r} must be a non-empty string without dots.")
-        if name in self.state.specs:
+        if name in self.table.names():
             raise AdapterError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r}).")
+        if self._into_pool(name, spec):
+            return
         method = method_for(spec)
         for target in spec.modules_to_save or []:  # validated before anything is created
             self._saved_module_fqns(target)
@@ -174,8 +184,12 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
             self.slots[key].add(name, method, params.to(self.table.frozen[fqn + ".weight"].device), shared)
 
     def delete_adapter(self, name: str) -> None:
+        if self.table.pool is not None and name in self.table.pool:  # frees the slot: nothing recompiles
+            self.table.pool.delete(name)
+            self._pool_active = None if self._pool_active == name else self._pool_active
+            return
         if name not in self.state.specs:
-            raise AdapterError(f"delete_adapter: no adapter named {name!r}; known: {list(self.state.specs)}.")
+            raise AdapterError(f"delete_adapter: no adapter named {name!r}; known: {self.table.names()}.")
         if self._merged and name in self.state.active:
             raise AdapterError(f"delete_adapter: adapter {name!r} is merged; unmerge() first.")
         for key in list(self.slots):
@@ -223,22 +237,64 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         step, so only adapter tensors are communicated. Every rank must load the same base weights."""
         return [f"base.{n}" for n, _ in [*self.base.named_parameters(), *self.base.named_buffers()]]
 
+    # -- the serving pool ---------------------------------------------------------------------
+    def reserve(self, max_adapters: int, max_rank: int, targets=None, evict: bool = False) -> None:
+        """A serving pool: `max_adapters` slots for LoRA adapters of rank <= `max_rank` on `targets`
+        (module-name suffixes or a regex, as in a spec; default: the layers the adapters so far adapt).
+        The graphs are captured and compiled once more now, and never again for the pool: `load_adapter` /
+        `add_adapter` of a new LoRA name fills a free slot, `delete_adapter` frees it, and mixed batches
+        index the slots (lowering/pool.py). `evict=True`: a full pool drops its least recently used adapter."""
+        if targets is None:
+            fqns = [s.layer.fqn for s in self.slots.values() if s.layer.kind == "linear"]
+        else:
+            fqns = resolve_targets(LoRA(r=max_rank, targets=targets), self._model, layer_kind)
+        if not fqns:
+            raise AdapterError("reserve: no target layers; pass targets=[...] (module-name suffixes).")
+        self._reserve(fqns, max_adapters, max_rank, evict)
+        self.invalidate_graphs()
+
+    def _reserve(self, fqns: list, max_adapters: int, max_rank: int, evict: bool = False) -> None:
+        if self.table.pool is not None:
+            raise AdapterError("reserve: this module has a pool already.")
+        modules = dict(self._model.named_modules())
+        layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
+        device = self.table.frozen[fqns[0] + ".weight"].device
+        self.pool = AdapterPool(layers, max_adapters, max_rank, self.state, device, evict)
+        self.table.pool = self.pool
+
+    def _into_pool(self, name: str, spec, tensors: dict | None = None, where: str = "spec") -> bool:
+        """Put a plain low-rank adapter into a pool slot (validated first); False if it is not one."""
+        if self.table.pool is None:
+            return False
+        operands = checkpoint.low_rank_operands(self.table, name, spec, tensors, where)
+        if not operands or any(v is None for v in operands.values()):
+            return False  # not plain low-rank (DoRA, another method): a regular adapter
+        self.table.pool.check(name, spec, method_for(spec), operands)
+        self.table.pool.put(name, spec, operands)
+        return True
+
     # -- adapter selection -----------------------------------------------------------------
     @property
     def active_adapters(self) -> tuple[str, ...]:
-        return self.state.active
+        return (self._pool_active,) if self._pool_active is not None else self.state.active
 
     def adapter_names_known(self) -> set[str]:
         """Every adapter name a call may use (adapter_names=, set_adapter)."""
-        return set(self.state.specs)
+        return set(self.table.names())
 
     def set_adapter(self, names) -> None:
         names = (names,) if isinstance(names, str) else tuple(names)
-        unknown = [n for n in names if n not in self.state.specs]
+        unknown = [n for n in names if n not in self.table.names()]
         if unknown:
-            raise AdapterError(f"set_adapter: unknown adapter(s) {unknown}; known: {list(self.state.specs)}.")
+            raise AdapterError(f"set_adapter: unknown adapter(s) {unknown}; known: {self.table.names()}.")
         if self._merged:
             raise AdapterError("set_adapter: unmerge() first; the weights hold the merged adapter.")
+        pooled = [n for n in names if n not in self.state.specs]
+        if pooled and len(names) > 1:
+            raise AdapterError(f"set_adapter: {pooled} are pool adapters; activate one at a time (or use "
+                               f"adapter_names=[...] per sample).")
+        self._pool_active = pooled[0] if pooled else None
+        names = () if pooled else names
         self.state.active = names
         for name, p in self._adapter_tensors():
             p.requires_grad_(name in names)
@@ -281,6 +337,8 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         variant = self._variant(adapter_names)
         if adapter_names is not None:
             self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
+        if self.table.pool is not None:  # each sample's pool slot: data, so nothing recompiles
+            self.state.pool_index = pool_indices(self.table.pool, self._pool_active, adapter_names, args, kwargs)
         for name in self.state.active:
             method = method_for(self.state.specs[name])
             if isinstance(method, GraphMethod):
@@ -308,7 +366,7 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
             self.state.mixed = None
 
     def _variant(self, adapter_names=None) -> str:
-        if adapter_names is not None:
+        if adapter_names is not None and self.state.specs:  # (pool adapters alone: the pool's index serves)
             return "mixed"
         if not self._enabled:
             return "disabled"
@@ -387,6 +445,9 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
         """Fold the active adapters into the (frozen copies of the) base weights."""
         if self._merged:
             return
+        if self._pool_active is not None:
+            raise AdapterError(f"merge: {self._pool_active!r} is served from the adapter pool, which stays unmerged; "
+                               f"set a regular adapter active to merge.")
         self._originals = merging.merge_into(self.table)
         self._merged = True
 
@@ -415,6 +476,13 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
 
     def load_adapter(self, path, adapter_name: str = "default", hotswap: bool = False) -> None:
         spec, tensors, sub = checkpoint.read_adapter(path)  # read and validated before anything changes
+        pool = self.table.pool
+        if pool is not None and (adapter_name in pool or adapter_name not in self.state.specs):
+            if adapter_name in pool and not hotswap:
+                raise AdapterError(f"adapter {adapter_name!r} already exists; pass hotswap=True to replace its "
+                                   f"weights, or delete_adapter({adapter_name!r}) first.")
+            if self._into_pool(adapter_name, spec, tensors, str(path)):
+                return
         if hotswap:
             checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
             return
@@ -426,7 +494,7 @@ class AdaptedModule(HFModelAttributes, GenerationSupport, nn.Module):
             raise
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        return checkpoint.adapter_state_dict(self.table, adapter_name or self.state.active[0])
+        return checkpoint.adapter_state_dict(self.table, adapter_name or self.active_adapters[0])
 
     def load_adapter_state_dict(self, state_dict, adapter_name: str | None = None) -> None:
         checkpoint.load_adapter_state_dict(self.table, state_dict, adapter_name or self.state.active[0])

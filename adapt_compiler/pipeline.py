@@ -11,7 +11,9 @@
 
     1. root the copy at the frozen base tensors (by FQN) and the adapters' modules
     2. redirect_saved_modules      modules_to_save reads -> the active adapter's copy
-    3. insert_weight_adapters      each target layer op -> call_module(its AdapterSlot)
+    3. insert_pool, insert_weight_adapters
+                                   the serving pool's banks after each pool layer (if reserved); each
+                                   target layer op -> call_module(its AdapterSlot)
     4. graph-method rewrites       Llama-Adapter at SDPA, X-LoRA's dual pass (each method's `rewrite`)
     5. plan_layers                 evaluation order, kernel, mixed-batch implementation: node kwargs
     6. batch_parameter_transforms  one call for the parameter-only part of many layers
@@ -32,12 +34,13 @@ import os
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .names import SAVED, SLOTS, graph_target
+from .names import POOL, SAVED, SLOTS, graph_target
 from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_saved_modules
 from . import lowering
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
 from .lowering.plan import plan_layers
+from .lowering.pool import insert_pool
 from .lowering.step import FlatStep
 from .table import AdapterTable
 
@@ -57,6 +60,9 @@ def build(captured: Captured, table: AdapterTable, variant: str, expects=None) -
         redirect_saved_modules(gm, {s.fqn: tuple(s.copies) for s in table.saved.values()})  # 2
         _debug_print(gm, "redirect_saved_modules", variant)
     if variant in ("adapted", "mixed"):
+        if table.pool is not None:  # 3a: the serving pool's slots, indexed per sample (lowering/pool.py)
+            insert_pool(gm, table.pool)
+            _debug_print(gm, "insert_pool", variant)
         layers = {s.layer.fqn: (tuple(s.methods), ",".join(sorted({m.name for m in s.methods.values()})))
                   for s in table.slots.values()}
         if layers:
@@ -120,6 +126,8 @@ def _rooted_copy(captured: Captured, table: AdapterTable) -> fx.GraphModule:
     gm = fx.GraphModule(root, copy.deepcopy(source.graph))
     gm.add_submodule(SLOTS, table.slots)
     gm.add_submodule(SAVED, table.saved)
+    if table.pool is not None:
+        gm.add_submodule(POOL, table.pool.banks)
     for name, holder in table.graph_adapters.items():
         gm.add_submodule(graph_target(name), holder)
     return gm

@@ -188,6 +188,10 @@ class _Driver:
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:  # the user's static cache is allocated now too (and filled in place)
+            rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+            self._allocate(user_cache, rows)
         if generation_config.cache_implementation == "static" and generation_config.max_cache_len is None:
             # a length per CACHE_BUCKET tokens, not per call: a new prompt length keeps the decode graph
             max_cache_length = CACHE_BUCKET * math.ceil(max_cache_length / CACHE_BUCKET)
@@ -197,13 +201,17 @@ class _Driver:
     def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
         cache = super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, prefill_chunk_size,
                                               model_kwargs)
-        # allocated now: a captured graph cannot allocate the KV tensors for its caller
-        heads, head_dim = self._get_static_cache_init_shape()
+        self._allocate(cache, batch_size)
+        return cache
+
+    def _allocate(self, cache, batch_size: int) -> None:
+        """Allocate a static cache's tensors now: a captured graph cannot allocate them for its caller
+        (they would be new tensors inside the graph, and the caller's cache object would stay empty)."""
         for part in _static_parts(cache):
             if not all(layer.is_initialized for layer in part.layers):
+                heads, head_dim = self._get_static_cache_init_shape()
                 part.early_initialization(batch_size=batch_size, num_heads=heads, head_dim=head_dim,
                                           dtype=self.dtype, device=self.device)
-        return cache
 
 
 def _static_parts(cache):
