@@ -43,7 +43,8 @@ def _read_specs(spec, model: nn.Module, component: str | None = None) -> dict:
 
 def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None, lowering: str = "inductor",
             adapter_name: str | None = None, verify: bool = True, component: str | None = None,
-            memory_budget: float | None = None) -> AdaptedModule:
+            memory_budget: float | None = None, max_adapters: int | None = None, max_rank: int | None = None,
+            evict: bool = False) -> AdaptedModule:
     """Adapt `model` with `spec`. The model itself is never modified.
 
     `spec` may be an adapter path: a PEFT directory, or a kohya/LyCORIS or diffusers .safetensors file
@@ -61,7 +62,11 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     own flag set before compile.
 
     Returns an instance of `Adapted<ModelClass>` (a subclass of AdaptedModule, and of
-    peft.PeftModel when peft is installed: integrations/adapted_class.py)."""
+    peft.PeftModel when peft is installed: integrations/adapted_class.py).
+
+    `max_adapters=N` (with `max_rank=r`, default the spec's r): a serving pool over the spec's target
+    layers, compiled once; the spec's LoRA adapters and every LoRA loaded later take its slots
+    (`AdaptedModule.reserve`). `evict=True`: a full pool drops its least recently used adapter."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"compile(): model must be a torch.nn.Module, got {type(model).__name__}.")
     if lowering not in LOWERINGS and not callable(lowering):
@@ -74,13 +79,23 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     read = _read_specs(spec, model, component)
     if adapter_name is not None and len(read) == 1:
         read = {adapter_name: next(iter(read.values()))}
+    pool = None
+    if max_adapters is not None or max_rank is not None:
+        ranks = [getattr(r[0], "r", None) for r in read.values()]
+        rank = max_rank if max_rank is not None else max((x for x in ranks if isinstance(x, int)), default=None)
+        if max_adapters is None or rank is None:
+            raise AdapterError("compile(): a serving pool needs max_adapters=N and max_rank=r (or a LoRA spec's r).")
+        pool = {"max_adapters": max_adapters, "max_rank": rank, "evict": evict}
     example = _split_inputs(example_inputs) if example_inputs is not None else None
     cls = adapted_class(AdaptedModule, type(model))
     m = cls(model, {n: r[0] for n, r in read.items()}, lowering=lowering,
             sub_adapters={n: r[2] for n, r in read.items() if r[2] is not None}, verify=verify,
-            memory_budget=None if memory_budget is None else float(memory_budget), example_inputs=example)
-    for name, (_, tensors, _, where) in read.items():
-        if tensors is not None:
+            memory_budget=None if memory_budget is None else float(memory_budget), example_inputs=example,
+            pool=pool)
+    for name, (spec_, tensors, _, where) in read.items():
+        if tensors is not None and m.table.pool is not None and name in m.table.pool:
+            m._into_pool(name, spec_, tensors, where)
+        elif tensors is not None:
             load_adapter_state_dict(m.table, tensors, name, where=where)
     if merge:
         m.merge()

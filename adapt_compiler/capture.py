@@ -20,6 +20,7 @@ import copy
 import inspect
 import re
 from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import fx, nn
@@ -41,11 +42,61 @@ class Captured:
     root: str = ""  # the submodule captured ("" = the whole model); get_attr targets are full FQNs anyway
 
 
+@dataclass(frozen=True)
+class InputRule:
+    """How capture treats calls that carry one kind of input (a KV cache, ...): an extension point that
+    the integrations fill (integrations/kv_cache.py), so this file knows no input kind by name.
+
+    `finds(args, kwargs)`: does this call carry the input? (It may register pytree nodes, so it runs
+    before anything is flattened.) `key(args, kwargs)`: what else tells two calls' graphs apart (e.g.
+    prefill vs decode), added to the structure key. `dynamic_shapes(arguments, default)`: the export
+    spec per named argument, given the default spec function for one value. `flat`: graphs of such
+    calls are compiled over their flat leaves (lowering/step.py). `memo(args, kwargs)`: a cheap key
+    under which a call's graph may be found again without flattening it (None: no shortcut), valid
+    while the objects it names by identity live; e.g. one static KV cache's decode steps."""
+
+    name: str
+    finds: Callable[[tuple, dict], bool]
+    key: Callable[[tuple, dict], Hashable]
+    dynamic_shapes: Callable[[dict, Callable[[Any], Any]], dict]
+    flat: bool = False
+    memo: Callable[[tuple, dict], Hashable | None] | None = None
+
+
+INPUT_RULES: list[InputRule] = []
+
+
+def register_input_rule(rule: InputRule) -> None:
+    if all(r.name != rule.name for r in INPUT_RULES):
+        INPUT_RULES.append(rule)
+
+
+def _rules_for(args: tuple, kwargs: dict) -> list[InputRule]:
+    return [r for r in INPUT_RULES if r.finds(args, kwargs)]
+
+
+def memo_key(args: tuple, kwargs: dict):
+    """(the rule's memo key, the objects it names) for a call a rule can find again cheaply, else None."""
+    for rule in INPUT_RULES:
+        if rule.memo is not None:
+            found = rule.memo(args, kwargs)
+            if found is not None:
+                return (rule.name, found[0]), found[1]
+    return None
+
+
+def compiled_flat(args: tuple, kwargs: dict) -> bool:
+    """Whether graphs of this call are compiled over flat leaves (an input rule says so)."""
+    return any(r.flat for r in _rules_for(args, kwargs))
+
+
 def signature(args: tuple, kwargs: dict):
-    """The structure key of a call: pytree spec plus tensor ranks and dtypes (not sizes)."""
+    """The structure key of a call: pytree spec plus tensor ranks and dtypes (not sizes), plus what
+    the input rules that apply add."""
+    extra = tuple((r.name, r.key(args, kwargs)) for r in _rules_for(args, kwargs))
     flat, spec = pytree.tree_flatten((args, kwargs))
     leaves = tuple((tuple(x.shape).__len__(), x.dtype) if isinstance(x, torch.Tensor) else ("py", x) for x in flat)
-    return spec, leaves
+    return (spec, leaves, extra) if extra else (spec, leaves)
 
 
 def fits(captured: Captured, args: tuple, kwargs: dict) -> bool:
@@ -80,10 +131,13 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     def tree(v):
         return pytree.tree_map(dims, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
 
-    if not kwargs:
+    rules = _rules_for(args, kwargs)
+    if not kwargs and not rules:
         return tuple(tree(a) for a in args)
     # with keyword inputs export wants one dict keyed by the forward's parameter names
     bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    for rule in rules:
+        return rule.dynamic_shapes(dict(bound.arguments), tree)
     return {name: tree(value) for name, value in bound.arguments.items()}
 
 

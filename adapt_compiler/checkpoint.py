@@ -24,6 +24,8 @@ from .errors import AdapterError, CheckpointError
 from .names import PEFT_PREFIX as PREFIX
 from .passes import GraphMethod, method_for, method_for_peft_type
 from .default_targets import peft_default
+from .passes.match import describe_layer, layer_kind
+from .spec import resolve_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,8 +132,10 @@ def read_adapter(path):
 def adapter_state_dict(table, name: str, live: bool = False) -> dict[str, torch.Tensor]:
     """PEFT-keyed tensors of adapter `name`; `live=True`: the tensors themselves, in-memory shapes
     (before `saved_tensors`), which loads copy into."""
+    if name not in table.specs and table.pool is not None and name in table.pool:
+        return _pool_state_dict(table, name)
     if name not in table.specs:
-        raise AdapterError(f"no adapter named {name!r}; known: {list(table.specs)}.")
+        raise AdapterError(f"no adapter named {name!r}; known: {table.names()}.")
     spec = table.specs[name]
     method = method_for(spec)
     out: dict[str, torch.Tensor] = {}
@@ -199,7 +203,10 @@ def copy_tensors(expected: dict, given: dict) -> None:
 
 
 def _normalise_keys(table, name: str, state_dict: dict) -> dict:
-    method = method_for(table.specs[name])
+    return _normalise_for(method_for(table.specs[name]), name, state_dict)
+
+
+def _normalise_for(method, name: str, state_dict: dict) -> dict:
     own = getattr(method, "key_prefix", PREFIX)  # a graph method's keys may sit outside base_model.model.
     given = {(k if k.startswith(("base_model.", own)) else PREFIX + k): v for k, v in state_dict.items()}
     given = {_strip_adapter_name(k, name): v for k, v in given.items()}
@@ -252,6 +259,38 @@ def _strip_adapter_name(key: str, name: str) -> str:
 def live_tensor(table, name: str, key: str) -> torch.Tensor:
     """The live tensor behind one PEFT key of adapter `name` (tests read its .grad)."""
     return adapter_state_dict(table, name, live=True)[key]
+
+
+# -- the serving pool (lowering/pool.py) ---------------------------------------------------------
+def low_rank_operands(table, name: str, spec, tensors: dict | None = None, where: str = "spec") -> dict:
+    """fqn -> (A, B, s) of an adapter on each layer it targets, as its method's `kernel_operands` gives
+    them (None on a layer where it is not plain low-rank), without adding it to the table: from a
+    PEFT state dict, checked like any load (keys, shapes, finite values), or from the method's init."""
+    method = method_for(spec)
+    if isinstance(method, GraphMethod):
+        return {"(graph)": None}
+    modules = dict(table.model.named_modules())
+    params = {}
+    for fqn in resolve_targets(spec, table.model, layer_kind):
+        layer = describe_layer(fqn, modules[fqn])
+        method.check(spec, layer)
+        weight = table.frozen[fqn + ".weight"]
+        tensors_ = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
+        params[fqn] = (layer, {k: v.to(weight.device) for k, v in tensors_.items()})
+    if tensors is not None:
+        expected = {f"{PREFIX}{fqn}.{method.peft_key(p, layer)}": t for fqn, (layer, ps) in params.items()
+                    for p, t in ps.items() if method.peft_key(p, layer) is not None}
+        given = _normalise_for(method, name, tensors)
+        check_tensors(expected, given, where, f"adapter {name!r}")
+        copy_tensors(expected, given)
+    return {fqn: method.kernel_operands(spec, layer, ps, False) for fqn, (layer, ps) in params.items()}
+
+
+def _pool_state_dict(table, name: str) -> dict[str, torch.Tensor]:
+    pool = table.pool
+    method = method_for(pool.specs[name])
+    return {f"{PREFIX}{fqn}.{method.peft_key(p, pool.layers[fqn])}": t.detach().contiguous()
+            for fqn, ps in pool.tensors_of(name).items() for p, t in ps.items()}
 
 
 # -- hotswap -----------------------------------------------------------------------------------
@@ -321,7 +360,7 @@ def overwrite(table, name: str, spec, tensors: dict, sub: dict, where: str, merg
 
 # -- writing ----------------------------------------------------------------------------------
 def peft_config(table, name: str, spec=None) -> dict:
-    spec = spec if spec is not None else table.specs[name]
+    spec = spec if spec is not None else table.spec_of(name)
     method = method_for(spec)
     config = dict(method.to_peft_config(spec))
     model_config = table.model_config()
@@ -367,7 +406,7 @@ def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Pa
         at_root = n == "default" if layout == "peft" else i == 0
         target = root if at_root else root / n
         config = peft_config(table, n)
-        method = method_for(table.specs[n])
+        method = method_for(table.spec_of(n))
         subs = method.sub_adapter_state(table, n) if isinstance(method, GraphMethod) else {}
         if subs:
             # PEFT opens `adapters` values as given (relative = to its cwd), so record the folders'
@@ -384,12 +423,12 @@ def save_adapter(table, path, adapter_name: str | list[str] | None = None, layou
     """PEFT's files: the first (or named) adapter in `path`, any others in `path/<name>/`
     (`layout="peft"`: the one named "default" in `path`, see _payloads)."""
     if adapter_name is None:
-        names = list(table.specs)
+        names = table.names()
     else:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for n in names:
-        if n not in table.specs:
-            raise AdapterError(f"save_adapter: no adapter named {n!r}; known: {list(table.specs)}.")
+        if n not in table.names():
+            raise AdapterError(f"save_adapter: no adapter named {n!r}; known: {table.names()}.")
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a directory; choose a directory path.")

@@ -16,18 +16,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from . import checkpoint, formats, pipeline
-from .capture import Captured, fits, signature
+from .capture import Captured, compiled_flat, fits, memo_key, signature
 from .counters import COUNTERS
 from .errors import AdapterError
 from .integrations.adapted_class import adapted_class
 from .integrations.checkpointing import CheckpointingSurface
 from .integrations.diffusers import DiffusersModelAttributes
+from .integrations.generation import GenerationSupport
 from .integrations.hf_model import HFModelAttributes, lift_scalar_inputs
 from .integrations.model_view import routed_forward
 from .integrations.peft_surface import PeftSurface, autocast_adapter, check_load_options, spec_of
@@ -36,13 +38,16 @@ from .lowering import lowering_name
 from .lowering import merge as merging
 from .lowering.mixed import check_adapter_names
 from .lowering.plan import decisions_of
+from .lowering.pool import AdapterPool, pool_indices
 from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
 from .passes.method import BASE_WEIGHT
-from .passes.match import target_layers
+from .passes.lora import LoRA
+from .passes.match import describe_layer, layer_kind, target_layers
 from .progress import status
 from .report import build_report
+from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
 from .targeting import default_targets
 
@@ -52,6 +57,8 @@ class _Entry:
     """The graphs of one capture (mode + input structure), built and lowered lazily per variant."""
 
     captured: Captured
+    expects: object = None  # target FQN -> whether this graph must run it (a part of the model); None: all
+    flat: bool = False  # compiled over flat leaves (calls that carry a KV cache: lowering/step.py)
     graphs: dict = field(default_factory=dict)  # (variant, recompute key) -> GraphModule
     lowered: dict = field(default_factory=dict)  # (variant, recompute key) -> callable
 
@@ -65,9 +72,10 @@ class _Disabled(contextlib.AbstractContextManager):
         return False
 
 
-class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, CheckpointingSurface, nn.Module):
+class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSupport, PeftSurface, CheckpointingSurface, nn.Module):
     def __init__(self, model: nn.Module, specs: dict, lowering: str = "inductor", sub_adapters: dict | None = None,
-                 verify: bool = True, memory_budget: float | None = None, example_inputs: tuple | None = None):
+                 verify: bool = True, memory_budget: float | None = None, example_inputs: tuple | None = None,
+                 pool: dict | None = None):
         nn.Module.__init__(self)  # not super(): with PeftModel as a base (adapted_class.py) its __init__ must not run
         self.__dict__["_example"] = example_inputs  # (args, kwargs): finds default targets in a graph if needed
         if not specs:
@@ -85,10 +93,16 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
         self._graphs: dict = {}  # (root, training, input signature) -> [_Entry]; root "" = the whole model
         self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
+        self._memo: dict = {}  # an input rule's cheap key -> (weakrefs of the objects it names, entry)
         self._enabled = True
         self._merged = False
         self.table.recompute.memory_budget = memory_budget
         self.table.recompute.by_blocks = lowering != "inductor"  # Inductor takes the budget itself
+        self._pool_active = None  # the pool adapter set_adapter chose, if any
+        if pool is not None:  # ac.compile(..., max_adapters=N, max_rank=r): a pool over the specs' targets
+            fqns = [f for spec in specs.values() if not isinstance(method_for(spec), GraphMethod)
+                    for f in resolve_targets(spec, model, layer_kind)]
+            self._reserve(list(dict.fromkeys(fqns)), **pool)
         for name, spec in specs.items():
             self.add_adapter(name, spec, (sub_adapters or {}).get(name))
         self.set_adapter(next(iter(specs)))
@@ -136,7 +150,8 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         """Create an adapter's parameters now (users build the optimizer before the first call).
         `spec`: an adapter spec, or a peft.PeftConfig (PEFT's spelling; then, as in PEFT, a float16/
         bfloat16 adapter is made float32 unless autocast_adapter_dtype=False). The new adapter is
-        not activated. `sub_adapters`: a graph method's sub-adapters (checkpoint.read_sub_adapters)."""
+        not activated. `sub_adapters`: a graph method's sub-adapters (checkpoint.read_sub_adapters).
+        With a serving pool (reserve), a plain low-rank adapter goes into a free slot instead."""
         spec, from_peft = spec_of(spec)
         self._add_adapter(name, spec, sub_adapters)
         if from_peft and autocast_adapter_dtype:
@@ -145,8 +160,10 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
     def _add_adapter(self, name: str, spec, sub_adapters: dict | None = None) -> None:
         if not isinstance(name, str) or not name or "." in name:
             raise AdapterError(f"adapter name {name!r} must be a non-empty string without dots.")
-        if name in self.state.specs:
+        if name in self.table.names():
             raise AdapterError(f"adapter {name!r} already exists; pick another name or delete_adapter({name!r}).")
+        if self._into_pool(name, spec):
+            return
         method = method_for(spec)
         for target in spec.modules_to_save or []:  # validated before anything is created
             self._saved_module_fqns(target)
@@ -203,8 +220,12 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
             self.slots[key].add(name, method, params.to(frozen[layer.weight_fqn].device), shared)
 
     def delete_adapter(self, name: str) -> None:
+        if self.table.pool is not None and name in self.table.pool:  # frees the slot: nothing recompiles
+            self.table.pool.delete(name)
+            self._pool_active = None if self._pool_active == name else self._pool_active
+            return
         if name not in self.state.specs:
-            raise AdapterError(f"delete_adapter: no adapter named {name!r}; known: {list(self.state.specs)}.")
+            raise AdapterError(f"delete_adapter: no adapter named {name!r}; known: {self.table.names()}.")
         if self._merged and name in self.state.active:
             raise AdapterError(f"delete_adapter: adapter {name!r} is merged; unmerge() first.")
         for key in list(self.slots):
@@ -254,19 +275,65 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         step, so only adapter tensors are communicated. Every rank must load the same base weights."""
         return [f"base.{n}" for n, _ in [*self.base.named_parameters(), *self.base.named_buffers()]]
 
+    # -- the serving pool ---------------------------------------------------------------------
+    def reserve(self, max_adapters: int, max_rank: int, targets=None, evict: bool = False) -> None:
+        """A serving pool: `max_adapters` slots for LoRA adapters of rank <= `max_rank` on `targets`
+        (module-name suffixes or a regex, as in a spec; default: the layers the adapters so far adapt).
+        The graphs are captured and compiled once more now, and never again for the pool: `load_adapter` /
+        `add_adapter` of a new LoRA name fills a free slot, `delete_adapter` frees it, and mixed batches
+        index the slots (lowering/pool.py). `evict=True`: a full pool drops its least recently used adapter."""
+        if targets is None:
+            fqns = [s.layer.fqn for s in self.slots.values() if s.layer.kind == "linear"]
+        else:
+            fqns = resolve_targets(LoRA(r=max_rank, targets=targets), self._model, layer_kind)
+        if not fqns:
+            raise AdapterError("reserve: no target layers; pass targets=[...] (module-name suffixes).")
+        self._reserve(fqns, max_adapters, max_rank, evict)
+        self.invalidate_graphs()
+
+    def _reserve(self, fqns: list, max_adapters: int, max_rank: int, evict: bool = False) -> None:
+        if self.table.pool is not None:
+            raise AdapterError("reserve: this module has a pool already.")
+        modules = dict(self._model.named_modules())
+        layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
+        device = self.table.frozen[fqns[0] + ".weight"].device
+        self.pool = AdapterPool(layers, max_adapters, max_rank, self.state, device, evict)
+        self.table.pool = self.pool
+
+    def _into_pool(self, name: str, spec, tensors: dict | None = None, where: str = "spec") -> bool:
+        """Put a plain low-rank adapter into a pool slot (validated first); False if it is not one."""
+        if self.table.pool is None:
+            return False
+        operands = checkpoint.low_rank_operands(self.table, name, spec, tensors, where)
+        if not operands or any(v is None for v in operands.values()):
+            return False  # not plain low-rank (DoRA, another method): a regular adapter
+        self.table.pool.check(name, spec, method_for(spec), operands)
+        self.table.pool.put(name, spec, operands)
+        return True
+
     # -- adapter selection -----------------------------------------------------------------
     @property
     def active_adapters(self) -> tuple[str, ...]:
-        return self.state.active
+        return (self._pool_active,) if self._pool_active is not None else self.state.active
+
+    def adapter_names_known(self) -> set[str]:
+        """Every adapter name a call may use (adapter_names=, set_adapter)."""
+        return set(self.table.names())
 
     def set_adapter(self, names, inference_mode: bool = False) -> None:
         """Activate these adapters; their tensors require grad (unless `inference_mode`), the others are frozen."""
         names = (names,) if isinstance(names, str) else tuple(names)
-        unknown = [n for n in names if n not in self.state.specs]
+        unknown = [n for n in names if n not in self.table.names()]
         if unknown:
-            raise AdapterError(f"set_adapter: unknown adapter(s) {unknown}; known: {list(self.state.specs)}.")
+            raise AdapterError(f"set_adapter: unknown adapter(s) {unknown}; known: {self.table.names()}.")
         if self._merged:
             raise AdapterError("set_adapter: unmerge() first; the weights hold the merged adapter.")
+        pooled = [n for n in names if n not in self.state.specs]
+        if pooled and len(names) > 1:
+            raise AdapterError(f"set_adapter: {pooled} are pool adapters; activate one at a time (or use "
+                               f"adapter_names=[...] per sample).")
+        self._pool_active = pooled[0] if pooled else None
+        names = () if pooled else names
         self.state.active = names
         for name, p in self._adapter_tensors():
             p.requires_grad_(name in names and not inference_mode)
@@ -302,18 +369,23 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
             return routed(*args, **extra, **kwargs)
         return self._forward_at("", args, kwargs, adapter_names)
 
-    def _forward_at(self, root: str, args: tuple, kwargs: dict, adapter_names=None):
-        """Run the adapted graph of submodule `root` ("" = the whole model) on these inputs."""
+    def _forward_at(self, root, args: tuple, kwargs: dict, adapter_names=None):
+        """Run the adapted graph of `root` on these inputs: "" = the whole model, a submodule path
+        (model_view.py), or (name, module, expects): capture `module` instead of the whole model (e.g. an
+        encoder view with the model's own parameter names, integrations/generation.py), where
+        `expects(fqn)` says which target layers that graph must run (others may be absent from it)."""
         kwargs = lift_scalar_inputs(kwargs)
         if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
-            return self._traced_forward(args, kwargs, adapter_names, root)
+            return self._traced_forward(args, kwargs, adapter_names, _root_name(root))
         if self.training:
             check_driving_trainer(self)  # Trainer options we cannot honour, refused by name
         entry = self._entry_for(args, kwargs, root)
-        self._traced[_structure_key(self.training, args, kwargs, root)] = entry
+        self._traced[_structure_key(self.training, args, kwargs, _root_name(root))] = entry
         variant = self._variant(adapter_names)
         if adapter_names is not None:
             self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
+        if self.table.pool is not None:  # each sample's pool slot: data, so nothing recompiles
+            self.state.pool_index = pool_indices(self.table.pool, self._pool_active, adapter_names, args, kwargs)
         for name in self.state.active:
             method = method_for(self.state.specs[name])
             if isinstance(method, GraphMethod):
@@ -341,22 +413,42 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
             self.state.mixed = None
 
     def _variant(self, adapter_names=None) -> str:
-        if adapter_names is not None:
+        if adapter_names is not None and self.state.specs:  # (pool adapters alone: the pool's index serves)
             return "mixed"
         if not self._enabled:
             return "disabled"
         return "merged" if self._merged else "adapted"
 
-    def _entry_for(self, args, kwargs, root: str = "") -> _Entry:
-        key = (root, self.training, signature(args, kwargs))
+    def _entry_for(self, args, kwargs, root="") -> _Entry:
+        memo = memo_key(args, kwargs)  # e.g. the next decode step of the same static KV cache: no flattening
+        name = _root_name(root)
+        if memo is not None:
+            hit = self._memo.get((self.training, name, memo[0]))
+            if hit is not None and all(ref() is obj for ref, obj in zip(hit[0], memo[1])):
+                return hit[1]
+        entry = self._find_or_capture(args, kwargs, root)
+        if memo is not None:
+            if len(self._memo) >= 16:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[(self.training, name, memo[0])] = ([weakref.ref(o) for o in memo[1]], entry)
+        return entry
+
+    def _find_or_capture(self, args, kwargs, root) -> _Entry:
+        key = (_root_name(root), self.training, signature(args, kwargs))
         entries = self._graphs.setdefault(key, [])
         for entry in entries:
             if fits(entry.captured, args, kwargs):
                 return entry
         mode = "train" if self.training else "eval"
-        what = type(self._model).__name__ + (f".{root}" if root else "")
-        with status(f"capturing {what} ({mode}) with torch.export"):
-            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen, root))
+        if isinstance(root, str):
+            what = type(self._model).__name__ + (f".{root}" if root else "")
+            with status(f"capturing {what} ({mode}) with torch.export"):
+                entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen, root),
+                               None, compiled_flat(args, kwargs))
+        else:
+            with status(f"capturing {type(root[1]).__name__} ({mode}) with torch.export"):
+                entry = _Entry(pipeline.capture(root[1], args, kwargs, self.training, self.table.frozen),
+                               root[2], compiled_flat(args, kwargs))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
@@ -364,7 +456,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
     def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:
         key = self._graph_key(variant)
         if key not in entry.graphs:
-            entry.graphs[key] = pipeline.build(entry.captured, self.table, variant)
+            entry.graphs[key] = pipeline.build(entry.captured, self.table, variant, entry.expects)
         return entry.graphs[key]
 
     def _graph_key(self, variant: str) -> tuple:
@@ -375,7 +467,8 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
     def _lowered(self, entry: _Entry, variant: str):
         key = self._graph_key(variant)
         if key not in entry.lowered:
-            entry.lowered[key] = pipeline.lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
+            lower = pipeline.lower_flat if entry.flat else pipeline.lower
+            entry.lowered[key] = lower(self._graph(entry, variant), self.lowering, self.table, self.verify)
         return entry.lowered[key]
 
     def capture(self, args=(), kwargs=None) -> None:
@@ -411,6 +504,9 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         """Fold the active adapters into the (frozen copies of the) base weights."""
         if self._merged:
             return
+        if self._pool_active is not None:
+            raise AdapterError(f"merge: {self._pool_active!r} is served from the adapter pool, which stays unmerged; "
+                               f"set a regular adapter active to merge.")
         self._originals = merging.merge_into(self.table)
         self._merged = True
 
@@ -453,6 +549,13 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
         autocast = check_load_options(peft_options, self.device)
         # read and validated before anything changes; single-file formats against the model (formats/)
         spec, tensors, sub = formats.read_adapter(path, self._model, component)
+        pool = self.table.pool
+        if pool is not None and (adapter_name in pool or adapter_name not in self.state.specs):
+            if adapter_name in pool and not hotswap:
+                raise AdapterError(f"adapter {adapter_name!r} already exists; pass hotswap=True to replace its "
+                                   f"weights, or delete_adapter({adapter_name!r}) first.")
+            if self._into_pool(adapter_name, spec, tensors, str(path)):
+                return
         if hotswap:
             checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
             return
@@ -473,7 +576,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
             self.eval()
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        return checkpoint.adapter_state_dict(self.table, adapter_name or self.state.active[0])
+        return checkpoint.adapter_state_dict(self.table, adapter_name or self.active_adapters[0])
 
     def load_adapter_state_dict(self, state_dict, adapter_name: str | None = None) -> None:
         checkpoint.load_adapter_state_dict(self.table, state_dict, adapter_name or self.state.active[0])
@@ -536,6 +639,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, PeftSurface, Ch
     def invalidate_graphs(self) -> None:
         self._graphs.clear()
         self._traced.clear()
+        self._memo.clear()
 
     # -- pickling: torch.save(m), torch.load(..., weights_only=False), copy.deepcopy(m) -----------------
     def __reduce_ex__(self, protocol):
@@ -574,6 +678,11 @@ def rebuild(model_cls: type, with_peft: bool):
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
             and a.stride() == b.stride() and a.device == b.device)
+
+
+def _root_name(root) -> str:
+    """The graph-cache name of a root: a submodule path, or a view's name (see _forward_at)."""
+    return root if isinstance(root, str) else root[0]
 
 
 def _structure_key(training: bool, args: tuple, kwargs: dict, root: str = "") -> tuple:

@@ -6,6 +6,7 @@ SLOTS = "ac_slots"  # the adapted layers' AdapterSlots: `ac_slots.<slot_key(fqn)
 SAVED = "ac_saved"  # modules_to_save copies: `ac_saved.<slot_key(fqn)>`
 GRAPH_PREFIX = "ac_graph_"  # a graph-level method's modules: `ac_graph_<adapter>.<path>`
 PREP_PREFIX = "ac_prep"  # batched parameter transforms: `ac_prep_<i>`
+POOL = "ac_pool"  # the serving pool's banks: `ac_pool.<slot_key(fqn)>` (lowering/pool.py)
 # prefixes of the adapter tensors in an unmerged graph or exported program
 ADAPTER_PREFIXES = (f"{SLOTS}.", f"{SAVED}.", GRAPH_PREFIX)
 
@@ -21,6 +22,10 @@ def slot_key(fqn: str) -> str:
 def slot_target(fqn: str) -> str:
     """The call_module target of the slot of layer `fqn`."""
     return f"{SLOTS}.{slot_key(fqn)}"
+
+
+def pool_target(fqn: str) -> str:
+    return f"{POOL}.{slot_key(fqn)}"
 
 
 def saved_target(fqn: str) -> str:

@@ -5,12 +5,16 @@
     fn = lower(gm, how, table, verify)                     # torch.compile (Inductor, on a copy with known
                                                            # compiler bugs worked around) or the FX graph
                                                            # as is; its first call checked against the FX graph
+                                                           # (lower_flat: the same over flat leaves, for
+                                                           # calls that carry a KV cache)
 
 `build` runs, on a fresh copy of the captured graph (the captured graph itself is never changed):
 
     1. root the copy at the frozen base tensors (by FQN) and the adapters' modules
     2. redirect_saved_modules      modules_to_save reads -> the active adapter's copy
-    3. insert_weight_adapters      each target layer op -> call_module(its AdapterSlot)
+    3. insert_pool, insert_weight_adapters
+                                   the serving pool's banks after each pool layer (if reserved); each
+                                   target layer op -> call_module(its AdapterSlot)
     4. graph-method rewrites       Llama-Adapter at SDPA, X-LoRA's dual pass (each method's `rewrite`)
     5. plan_layers                 evaluation order, kernel, mixed-batch implementation: node kwargs
     6. batch_parameter_transforms  one call for the parameter-only part of many layers
@@ -33,24 +37,27 @@ import os
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .names import SAVED, SLOTS, graph_target
+from .names import POOL, SAVED, SLOTS, graph_target
 from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_saved_modules
 from . import lowering
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
 from .lowering.merge import tied_layers
 from .lowering.plan import plan_layers
+from .lowering.pool import insert_pool
 from .lowering.recompute import checkpoint_blocks
+from .lowering.step import FlatStep
 from .lowering.workarounds import for_inductor
 from .table import AdapterTable
 
 VARIANTS = ("adapted", "mixed", "merged", "disabled")
 
-__all__ = ["VARIANTS", "build", "capture", "lower"]
+__all__ = ["VARIANTS", "build", "capture", "lower", "lower_flat"]
 
 
-def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModule:
-    """The graph of one variant of one capture (see the module docstring)."""
+def build(captured: Captured, table: AdapterTable, variant: str, expects=None) -> fx.GraphModule:
+    """The graph of one variant of one capture (see the module docstring). `expects(fqn)`: whether the
+    capture must run that target layer (it is a part of the model, e.g. an encoder); None: every one."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {VARIANTS}")
     training = captured.training
@@ -64,9 +71,13 @@ def build(captured: Captured, table: AdapterTable, variant: str) -> fx.GraphModu
         plan_layers(gm, table.specs, training)  # 5
         _debug_print(gm, "insert_weight_adapters (tied layers)", variant)
     if variant in ("adapted", "mixed"):
+        if table.pool is not None:  # 3a: the serving pool's slots, indexed per sample (lowering/pool.py)
+            insert_pool(gm, table.pool)
+            _debug_print(gm, "insert_pool", variant)
         layers = _slot_layers(table)
         if layers:
-            insert_weight_adapters(gm, layers, table.same_tensor)  # 3
+            insert_weight_adapters(gm, layers, table.same_tensor,
+                                   None if expects is None else {f for f in layers if expects(f)})  # 3
             _debug_print(gm, "insert_weight_adapters", variant)
         for name, spec in table.specs.items():  # 4
             method = method_for(spec)
@@ -114,6 +125,14 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     )
 
 
+def lower_flat(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True) -> FlatStep:
+    """`lower`, for a graph called with stateful containers (a KV cache): the compiled code takes and
+    returns flat tensors, and the containers are handled outside it (lowering/step.py)."""
+    step = FlatStep(gm)
+    step.fn = lower(step.gm, how, table, verify)
+    return step
+
+
 def _rooted_copy(captured: Captured, table: AdapterTable) -> fx.GraphModule:
     """A copy of the captured graph whose attribute paths are the model's FQNs (the frozen tensors)
     plus the adapters' modules, which the passes wire in."""
@@ -130,6 +149,8 @@ def _rooted_copy(captured: Captured, table: AdapterTable) -> fx.GraphModule:
     gm = fx.GraphModule(root, copy.deepcopy(source.graph))
     gm.add_submodule(SLOTS, table.slots)
     gm.add_submodule(SAVED, table.saved)
+    if table.pool is not None:
+        gm.add_submodule(POOL, table.pool.banks)
     for name, holder in table.graph_adapters.items():
         gm.add_submodule(graph_target(name), holder)
     return gm

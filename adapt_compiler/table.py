@@ -21,6 +21,7 @@ class AdapterState:
 
     active: tuple[str, ...] = ()
     mixed: Any = None  # lowering.mixed.MixedBatch of the current call (adapter_names=...), else None
+    pool_index: Any = None  # [batch] int64: each sample's slot in the serving pool (-1: none), per call
     specs: dict = field(default_factory=dict)  # adapter name -> spec
 
 
@@ -78,6 +79,7 @@ class AdapterTable:
     recompute: Recompute = field(default_factory=Recompute)  # activation checkpointing of training graphs
     # adapter name -> {weight FQN: the frozen data before its init swapped in a residual base (PiSSA, ...)}
     base_originals: dict = field(default_factory=dict)
+    pool: Any = None  # lowering.pool.AdapterPool: adapters served from preallocated slots, or None
 
     @property
     def specs(self) -> dict:
@@ -89,6 +91,18 @@ class AdapterTable:
 
     def slots_fqns(self) -> list[str]:
         return [s.layer.fqn for s in self.slots.values()]
+
+    def spec_of(self, name: str):
+        """The spec of a regular or a pool adapter (KeyError if neither)."""
+        if name in self.state.specs:
+            return self.state.specs[name]
+        if self.pool is not None and name in self.pool:
+            return self.pool.specs[name]
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        """Every adapter: the regular ones, then the pool's."""
+        return [*self.state.specs, *(self.pool.names if self.pool is not None else ())]
 
     def slots_of(self, adapter: str) -> list:
         return [s for s in self.slots.values() if adapter in s.methods]

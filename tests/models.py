@@ -18,13 +18,64 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_mistral(seed: int = 0):
+def tiny_mistral(seed: int = 0, sliding_window: int | None = 4096):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
     cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, use_cache=False)
+                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, use_cache=False,
+                        sliding_window=sliding_window)
     return MistralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gemma(seed: int = 0):
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=256)
+    return GemmaForCausalLM(cfg).eval()
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=4, vocab_size=128,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_bart(seed: int = 0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128,
+                     max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def tiny_whisper(seed: int = 0):
+    """input_features: (batch, 8 mel bins, 32 frames)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128,
+                        num_mel_bins=8, max_source_positions=16, max_target_positions=64, decoder_start_token_id=1,
+                        pad_token_id=0, eos_token_id=2, bos_token_id=1, dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0)
+    return WhisperForConditionalGeneration(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0):

@@ -101,7 +101,9 @@ class _State:
 
     def __init__(self, buffers: list[torch.Tensor], args, kwargs):
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        self.tensors = [t for t in [*buffers, *inputs] if not t.requires_grad]
+        # a tensor whose elements share memory (an expand()ed position_ids) cannot be written in place
+        self.tensors = [t for t in [*buffers, *inputs]
+                        if not t.requires_grad and torch._debug_has_internal_overlap(t) != 1]
         self.saved = [t.detach().clone() for t in self.tensors]
         self.rng = torch.random.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -152,7 +154,10 @@ class GuardedGraph:
         ref_out, ref_grads = _run(self.gm, args, kwargs, params, grads)
         ref = _float_leaves(ref_out)
         ref_grads = [g.detach() if g is not None else None for g in ref_grads] if ref_grads is not None else None
-        ref = [t.detach() for t in ref]
+        # outputs that alias a mutated input (a static KV cache updated in place) are copied: the
+        # candidate's run overwrites them, and the check would compare them with themselves
+        mutable = {t.untyped_storage().data_ptr() for t in state.tensors}
+        ref = [t.detach().clone() if t.untyped_storage().data_ptr() in mutable else t.detach() for t in ref]
         del ref_out  # the reference's autograd graph: freed before the candidate runs
         candidates = [(self.lowering, self.fn), *self.fallbacks]
         first_bad = None

@@ -44,23 +44,28 @@ def check_adapter_names(table, merged: bool, adapter_names, args, kwargs) -> Mix
         raise AdapterError(
             f"adapter_names must be a list with one adapter name per sample, got {type(adapter_names).__name__}."
         )
-    known = tuple(table.specs)
-    unknown = sorted({n for n in adapter_names if n != BASE and n not in known}, key=str)
+    known = tuple(table.specs)  # the graph's adapters; the serving pool's are indexed by its own slots
+    unknown = sorted({n for n in adapter_names if n != BASE and n not in table.names()}, key=str)
     if unknown:
-        raise AdapterError(f"adapter_names: unknown adapter(s) {unknown}; known: {list(known)} (or {BASE!r}).")
+        raise AdapterError(f"adapter_names: unknown adapter(s) {unknown}; known: {table.names()} (or {BASE!r}).")
     if merged:
         raise AdapterError("adapter_names: the weights hold a merged adapter; unmerge() before a mixed batch.")
-    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if not tensors:
-        raise AdapterError("adapter_names: the inputs have no batched tensor to pair the names with.")
-    batch = tensors[0].shape[0]
+    batch, device = batch_of(args, kwargs, "adapter_names")
     if len(adapter_names) != batch:
         raise AdapterError(
             f"adapter_names has {len(adapter_names)} names for a batch of {batch} samples; give one name per sample."
         )
     index = {n: i for i, n in enumerate(known)}
-    indices = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=tensors[0].device)
+    indices = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
     return MixedBatch(known, indices, tuple(adapter_names))
+
+
+def batch_of(args, kwargs, what: str) -> tuple[int, torch.device]:
+    """(batch size, device) of a call: the leading dim of its first batched tensor input."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors:
+        raise AdapterError(f"{what}: the inputs have no batched tensor to pair the adapters with.")
+    return tensors[0].shape[0], tensors[0].device
 
 
 def mixed_impl(slot, training: bool) -> str:

@@ -34,14 +34,16 @@ def load_methods() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def insert_weight_adapters(gm: fx.GraphModule, layers: dict, same_tensor=None) -> int:
+def insert_weight_adapters(gm: fx.GraphModule, layers: dict, same_tensor=None, expected: set[str] | None = None) -> int:
     """Replace each target layer's subgraph (a match of passes/match.py's LAYER_PATTERNS) by
     `call_module(slot)(x, W, b)`; a targeted nn.Parameter (kind "parameter") is routed through its
     slot wherever the graph reads it: `W -> call_module(slot)(W, W, None)`.
 
     `layers`: target FQN -> (its Layer, its adapter names, its methods as text), for the node's meta.
-    `same_tensor(a, b)`: whether two FQNs name one tensor (tied weights). Returns the number of
-    nodes replaced (a layer called twice has two)."""
+    `same_tensor(a, b)`: whether two FQNs name one tensor (tied weights). `expected`: the targets the
+    graph must call (default: all); a graph of a part of the model (an encoder, a decoder step whose
+    cross-attention K/V come from the cache) may lack the others. Returns the number of nodes
+    replaced (a layer called twice has two)."""
     count = 0
     weight_layers = {fqn: spec[0].weight_fqn for fqn, spec in layers.items() if spec[0].kind != "parameter"}
     found = find_layer_matches(gm, weight_layers, same_tensor=same_tensor)
@@ -76,7 +78,7 @@ def insert_weight_adapters(gm: fx.GraphModule, layers: dict, same_tensor=None) -
         if reads:
             found[fqn] = reads
     COUNTERS["weight_adapters_inserted"] += count
-    missing = [f for f in layers if f not in found]
+    missing = [f for f in (layers if expected is None else expected) if f not in found]
     if missing:
         raise AdapterError(_why_missing(gm, missing, layers, same_tensor))
     return count

@@ -1,0 +1,125 @@
+"""The compiled decode step: Inductor graphs for prefill and decode, no recapture or recompile per token.
+
+One module-scoped compiled module (Inductor, the correctness guard on) serves every test here; the
+first generate call compiles the prefill and the decode graph once.
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+import torch._dynamo.utils
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+import adapt_compiler as ac
+from adapt_compiler.counters import COUNTERS
+from models import tiny_llama
+from oracle import ours_from_peft, peft_twin, randomize_
+from test_generate import ATTN, prompts
+
+STATIC = dict(do_sample=False, use_cache=True, cache_implementation="static", pad_token_id=0)
+
+
+def _saved(base, path, seed):
+    pm = peft_twin(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN))
+    randomize_(pm, ("lora_",), seed=seed, scale=0.4)
+    pm.save_pretrained(path)
+    return pm
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    base = tiny_llama(layers=1)
+    root = tmp_path_factory.mktemp("adapters")
+    first, second = _saved(base, root / "a", 1), _saved(base, root / "b", 2)
+    m = ours_from_peft(base, first, ac.LoRA(r=4, alpha=8, targets=ATTN), lowering="inductor")
+    m.generate(**prompts(), max_new_tokens=2, **STATIC)  # warm-up: captures and compiles prefill + decode
+    return m, first, second, root
+
+
+def _entries(m, phase):
+    """The graph entries of one generation phase ("prefill" / "decode"), from the structure keys."""
+    return [e for key, es in m._graphs.items() for e in es if ("kv_cache", ("StaticCache", "static", phase)) in
+            (key[1][2] if len(key[1]) == 3 else ())]
+
+
+def _compiled_code_entries(entry) -> int:
+    """How many compiled versions Dynamo holds for this graph (a recompile adds one)."""
+    step = entry.lowered["adapted"]
+    return len(_debug_get_cache_entry_list(step.gm.forward.__code__))
+
+
+def _counts():
+    return COUNTERS["captures"], torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_prefill_and_decode_are_separate_compiled_graphs(compiled):
+    m, *_ = compiled
+    prefill, decode = _entries(m, "prefill"), _entries(m, "decode")
+    assert len(prefill) == 1 and len(decode) == 1
+    assert prefill[0] is not decode[0]
+    assert _compiled_code_entries(decode[0]) == 1
+    # the guard checked both graphs' first calls against the eager graph
+    verdicts = [e.graphs["adapted"].meta["ac_guard"] for e in (*prefill, *decode)]
+    assert all(v is not None and v.status == "passed" and v.lowering == "inductor" for v in verdicts)
+
+
+def test_64_tokens_run_one_decode_graph_without_recompiling(compiled):
+    m, first, *_ = compiled
+    inputs = prompts()
+    before = _counts()
+    ours = m.generate(**inputs, max_new_tokens=64, **STATIC)
+    assert _counts() == before, "no capture and no Dynamo compile over 64 tokens"
+    assert _compiled_code_entries(_entries(m, "decode")[0]) == 1
+    assert torch.equal(ours, first.generate(**inputs, max_new_tokens=64, **STATIC))
+
+
+def test_a_new_prompt_length_does_not_recompile_decode(compiled):
+    m, first, *_ = compiled
+    decode = _entries(m, "decode")[0]
+    captures = COUNTERS["captures"]
+    for length in (9, 4):
+        inputs = prompts(length=length, seed=length)
+        ours = m.generate(**inputs, max_new_tokens=5, **STATIC)
+        assert torch.equal(ours, first.generate(**inputs, max_new_tokens=5, **STATIC))
+    assert COUNTERS["captures"] == captures, "the prefill graph takes any prompt length"
+    assert _entries(m, "decode") == [decode] and _compiled_code_entries(decode) == 1
+
+
+def test_hotswap_between_generate_calls_does_not_recompile(compiled):
+    m, first, second, root = compiled
+    inputs = prompts()
+    before = _counts()
+    m.load_adapter(root / "b", "default", hotswap=True)
+    try:
+        ours = m.generate(**inputs, max_new_tokens=6, **STATIC)
+        assert torch.equal(ours, second.generate(**inputs, max_new_tokens=6, **STATIC))
+    finally:
+        m.load_adapter(root / "a", "default", hotswap=True)
+    assert torch.equal(m.generate(**inputs, max_new_tokens=6, **STATIC),
+                       first.generate(**inputs, max_new_tokens=6, **STATIC))
+    assert _counts() == before
+
+
+def test_the_static_cache_object_is_kept_across_decode_steps(compiled):
+    """The decode graph updates the cache in place and hands the same object back (no rebuilt copy)."""
+    m, *_ = compiled
+    from transformers import StaticCache
+
+    cache = StaticCache(config=m.config, max_cache_len=256)
+    seen = []
+    driver = m._ac_driver
+    original = type(driver)._update_model_kwargs_for_generation
+
+    def spy(self, outputs, *args, **kwargs):
+        seen.append(outputs.cache)
+        return original(self, outputs, *args, **kwargs)
+
+    type(driver)._update_model_kwargs_for_generation = spy  # our own driver class, not the user's model
+    try:
+        m.generate(**prompts(), max_new_tokens=4, cache=cache, **{k: v for k, v in STATIC.items()
+                                                                  if k != "cache_implementation"})
+    finally:
+        type(driver)._update_model_kwargs_for_generation = original
+    assert len(seen) == 4 and all(c is cache for c in seen)
