@@ -19,6 +19,8 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .quant import describe as describe_quantized
+from .quant import is_operand_key, known_layers, name_operands, operand_key, quantized_leaves
 
 
 @dataclass
@@ -97,19 +99,28 @@ def _explain(model: nn.Module, err: Exception) -> str:
     )
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors: dict | None = None) -> Captured:
+def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors: dict | None = None,
+            quant: dict | None = None) -> Captured:
     """Export `model` in the given mode. Never changes the model: its mode flags are restored, and
     `tensors` (FQN -> the frozen tensors the graph will run with, e.g. after `m.half()`) stand in
     for its parameters and buffers only while it is traced, so the graph bakes their dtypes and
-    devices in, not those of the user's tensors."""
+    devices in, not those of the user's tensors.
+
+    Quantized layers (quant/): each is traced as one op over its operands, named `<fqn>.weight` and
+    `<fqn>.weight__<operand>` in the graph. `quant` (FQN -> QuantInfo) and the operands in `tensors`
+    are what the AdaptedModule read at compile time; without them they are read from the model."""
     args, kwargs = tuple(args), dict(kwargs)
-    swapped = _reparametrize_module(model, tensors) if tensors else contextlib.nullcontext()
-    with _mode(model, training), swapped:
+    infos, operands = _quantized(model, tensors, quant)
+    params = {k: v for k, v in tensors.items() if not is_operand_key(k)} if tensors else None
+    swapped = _reparametrize_module(model, params) if params else contextlib.nullcontext()
+    with _mode(model, training), swapped, quantized_leaves(model, infos, operands):
         try:
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
         except Exception as err:  # noqa: BLE001 - re-raised with the module and the fix
             raise CaptureError(_explain(model, err)) from err
     unlifted = ep.module()
+    if infos:
+        name_operands(unlifted, infos, operands)
     # a plain GraphModule (export's wrapper refuses train()/eval()); keeps the pytree codegen
     gm = fx.GraphModule(unlifted, unlifted.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -122,3 +133,23 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors
             static.append(())
     _, in_spec = pytree.tree_flatten((args, kwargs))
     return Captured(gm, in_spec, tuple(static), training)
+
+
+def _quantized(model: nn.Module, tensors: dict | None, quant: dict | None):
+    """(FQN -> QuantInfo, FQN -> operand name -> tensor) of the model's quantized layers."""
+    from .quant import KINDS
+
+    layers = known_layers(model)
+    infos = dict(quant) if quant is not None else {fqn: describe_quantized(mod) for fqn, mod in layers.items()}
+    operands = {}
+    for fqn, info in infos.items():
+        live = None
+        operands[fqn] = {}
+        for name in info.operands:
+            key = operand_key(fqn, name)
+            if tensors is not None and key in tensors:
+                operands[fqn][name] = tensors[key]
+            else:
+                live = live if live is not None else KINDS[info.kind].operands(layers[fqn])
+                operands[fqn][name] = live[name]
+    return infos, operands

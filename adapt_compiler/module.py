@@ -31,6 +31,11 @@ from .names import slot_key
 from .passes import GraphMethod, method_for
 from .passes.match import describe_layer, layer_kind
 from .progress import status
+from .quant import KINDS as QUANT_KINDS
+from .quant import check_method as check_quantized_method
+from .quant import describe as describe_quantized
+from .quant import known_layers, operand_key
+from .quant.weight import frozen_weight
 from .report import build_report
 from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
@@ -68,8 +73,9 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         self.graph_adapters = nn.ModuleDict()  # adapter name -> modules of a graph-level method
         self.shared = nn.ModuleDict()  # adapter name -> tensors a weight method shares across layers
         self.base = nn.Module()  # frozen view of the model's params/buffers, same storage
-        self.__dict__["table"] = AdapterTable(model, self._freeze_base(model), AdapterState(), self.slots,
-                                              self.saved, self.graph_adapters, self.shared)
+        quant = {fqn: describe_quantized(mod, _float_dtype(model)) for fqn, mod in known_layers(model).items()}
+        self.__dict__["table"] = AdapterTable(model, self._freeze_base(model, quant), AdapterState(), self.slots,
+                                              self.saved, self.graph_adapters, self.shared, quant=quant)
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
         self._graphs: dict = {}  # (training, input signature) -> [_Entry]
         self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
@@ -85,9 +91,19 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         return self.table.state
 
     # -- construction --------------------------------------------------------------------
-    def _freeze_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def _freeze_base(self, model: nn.Module, quant: dict) -> dict[str, torch.Tensor]:
+        """FQN -> frozen tensor sharing storage with the model's. Quantized layers (`quant`: FQN ->
+        QuantInfo) add their op's operands (scales, ...) as `<fqn>.weight__<operand>`, read now: a later
+        change to the user's layer (bitsandbytes repacks 4-bit weights in place for CPU inference)
+        does not reach our graphs."""
         frozen, by_id, names = {}, {}, {}
-        for fqn, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        modules = dict(model.named_modules())
+        operands = [(operand_key(fqn, name), nn.Parameter(t, requires_grad=False))
+                    for fqn, info in quant.items()
+                    for name, t in QUANT_KINDS[info.kind].operands(modules[fqn]).items()
+                    if t is not None and name != "weight"]
+        for fqn, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False),
+                       *operands]:
             if id(t) not in by_id:
                 by_id[id(t)] = nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, nn.Parameter) else t
             frozen[fqn] = by_id[id(t)]
@@ -124,6 +140,12 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         method = method_for(spec)
         for target in spec.modules_to_save or []:  # validated before anything is created
             self._saved_module_fqns(target)
+        if isinstance(method, GraphMethod) and self.table.quant:
+            fqn, info = next(iter(self.table.quant.items()))
+            raise AdapterError(
+                f"{type(spec).__name__} over a quantized base ({fqn} is {info.scheme}) is not supported yet; "
+                f"over quantized layers use a weight method (LoRA, DoRA, AdaLoRA, OFT, ...)."
+            )
         if isinstance(method, GraphMethod):
             if sub_adapters is None:
                 sub_adapters = checkpoint.read_sub_adapters(method, spec)
@@ -148,16 +170,21 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         model = self._model
         fqns = resolve_targets(spec, model, layer_kind)
         modules = dict(model.named_modules())
-        layers = {fqn: describe_layer(fqn, modules[fqn]) for fqn in fqns}
+        layers = {fqn: describe_layer(fqn, modules[fqn], quant=self.table.quant.get(fqn)) for fqn in fqns}
         for layer in layers.values():  # validate everything before creating anything
             method.check(spec, layer)
+            if layer.quant is not None:
+                self._check_quantized(method, spec, layer)
         device = self.table.frozen[fqns[0] + ".weight"].device
         shared_tensors = method.init_shared(spec, list(layers.values()))
         shared = AdapterParams({k: v.to(device) for k, v in shared_tensors.items()},
                                method.buffer_names) if shared_tensors else None
         created = {}
         for fqn, layer in layers.items():
-            weight = self.table.frozen[fqn + ".weight"]
+            if layer.quant is not None:  # methods initialise from W: dequantized for this call only
+                weight = frozen_weight(layer.quant, self._operands(fqn), layer.dtype).dequantize()
+            else:
+                weight = self.table.frozen[fqn + ".weight"]
             tensors = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
             created[fqn] = (layer, AdapterParams(tensors, method.buffer_names))
         if shared is not None:
@@ -167,6 +194,23 @@ class AdaptedModule(HFModelAttributes, nn.Module):
             if key not in self.slots:
                 self.slots[key] = AdapterSlot(layer, self.state)
             self.slots[key].add(name, method, params.to(self.table.frozen[fqn + ".weight"].device), shared)
+
+    def _check_quantized(self, method, spec, layer) -> None:
+        """Refuse, by name, a method PEFT does not support over this quantized layer, or one whose
+        forward needs the whole weight matrix (a full-precision copy of the quantized weight)."""
+        label = "DoRA" if getattr(spec, "use_dora", False) else type(spec).__name__
+        check_quantized_method(layer.quant, layer.fqn, method.name, label)
+        if method.reads_dense_weight(spec):
+            raise AdapterError(
+                f"{layer.fqn}: {label} with these settings rebuilds the whole weight matrix from W in every forward, "
+                f"a full-precision copy of the {layer.quant.scheme} weight; not supported over a quantized base. "
+                f"Fix: use its default variant, or another method."
+            )
+
+    def _operands(self, fqn: str) -> dict:
+        """Operand name -> frozen tensor (or None) of quantized layer `fqn`."""
+        info = self.table.quant[fqn]
+        return {name: self.table.frozen.get(operand_key(fqn, name)) for name in info.operands}
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.state.specs:
@@ -307,7 +351,8 @@ class AdaptedModule(HFModelAttributes, nn.Module):
                 return entry
         mode = "train" if self.training else "eval"
         with status(f"capturing {type(self._model).__name__} ({mode}) with torch.export"):
-            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen))
+            entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen,
+                                            self.table.quant))
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
@@ -355,6 +400,7 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         """Fold the active adapters into the (frozen copies of the) base weights."""
         if self._merged:
             return
+        merging.check_unquantized(self.table, "merge()")
         self._originals = merging.merge_into(self.table)
         self._merged = True
 
@@ -373,9 +419,14 @@ class AdaptedModule(HFModelAttributes, nn.Module):
     def adapters_enabled(self) -> bool:
         return self._enabled
 
-    def merged_module(self) -> nn.Module:
-        """A plain module of the base architecture with the active adapters merged into its weights."""
-        return merging.merged_copy(self.table, self._originals if self._merged else None)
+    def merged_module(self, requantize: bool = False) -> nn.Module:
+        """A plain module of the base architecture with the active adapters merged into its weights.
+
+        Over a quantized base: every quantized layer becomes an `nn.Linear` holding its dequantized
+        (and, where adapted, merged) weight in the layer's own dtype; or, with `requantize=True`, a new
+        quantized layer of the same kind holding W + ΔW re-quantized (PEFT's merge_and_unload), with a
+        warning that reports how much of each adapter's update the rounding kept."""
+        return merging.merged_copy(self.table, self._originals if self._merged else None, requantize=requantize)
 
     # -- adapters as files -------------------------------------------------------------------
     def save_adapter(self, path, adapter_name: str | None = None) -> None:
@@ -455,6 +506,15 @@ class AdaptedModule(HFModelAttributes, nn.Module):
     def invalidate_graphs(self) -> None:
         self._graphs.clear()
         self._traced.clear()
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The model's float dtype: that of its first floating-point parameter (for quantized kinds that
+    keep no dtype of their own, e.g. bitsandbytes int8)."""
+    for p in model.parameters():
+        if p.is_floating_point() and type(p) is nn.Parameter:
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 def _structure_key(training: bool, args: tuple, kwargs: dict) -> tuple:

@@ -52,6 +52,8 @@ class AdapterTable:
     shared: nn.ModuleDict  # adapter name -> AdapterParams a weight method shares across layers
     method_state: dict = field(default_factory=dict)  # adapter name -> a method's Python state (AdaLoRA)
     prepare_hooks: list = field(default_factory=list)  # callables run before each eager call (see GraphMethod)
+    # FQN -> quant.QuantInfo of each quantized layer, read once at compile time; its operands are in `frozen`
+    quant: dict = field(default_factory=dict)
 
     @property
     def specs(self) -> dict:

@@ -13,6 +13,9 @@ from torch import fx, nn
 import torch.nn.functional as F
 
 from ..errors import AdapterShapeError
+from ..quant import describe as describe_quantized
+from ..quant import kind_of as quantized_kind
+from ..quant import op_kinds
 from .method import Layer
 
 aten = torch.ops.aten
@@ -44,8 +47,20 @@ def _arg(node: fx.Node, index: int | None):
     return node.kwargs.get(name) if name and node.target in (F.linear, F.conv2d, torch._C._nn.linear) else None
 
 
+# The quantized layers' ops (quant/): op(x, bias, *operands, *constants). Their "weight" is the
+# tuple of operands and constants, which the slot wraps into a QuantizedWeight.
+QUANT_LAYER_OPS = op_kinds()
+
+
+def is_layer_op(target) -> bool:
+    return target in LAYER_OPS or target in QUANT_LAYER_OPS
+
+
 def layer_operands(node: fx.Node):
-    """(activation, weight, bias) argument nodes of a layer op in LAYER_OPS (bias may be None)."""
+    """(activation, weight, bias) argument nodes of a layer op in LAYER_OPS (bias may be None); for a
+    quantized layer's op, weight is the tuple of its operands and constants."""
+    if node.target in QUANT_LAYER_OPS:
+        return node.args[0], tuple(node.args[2:]), node.args[1]
     w_idx, x_idx, b_idx = LAYER_OPS[node.target]
     return _arg(node, x_idx), _arg(node, w_idx), _arg(node, b_idx)
 
@@ -107,7 +122,10 @@ def layer_from_node(fqn: str, node: fx.Node, weight: torch.Tensor, has_bias: boo
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The layer kind a weight method can adapt, or None."""
+    """The layer kind a weight method can adapt, or None. A quantized layer of a kind we do not know
+    (GPTQ, AWQ, HQQ, ...) raises an AdapterError naming its class and the supported quantizations."""
+    if quantized_kind(module) is not None:  # bitsandbytes / torchao linears (quant/)
+        return "linear"
     if isinstance(module, nn.Linear):
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
@@ -119,8 +137,15 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def describe_layer(fqn: str, module: nn.Module) -> Layer:
-    """The method-facing description of a module (canonical weight layout)."""
+def describe_layer(fqn: str, module: nn.Module, quant=None, default_dtype=torch.float32) -> Layer:
+    """The method-facing description of a module (canonical weight layout). A quantized layer is
+    described by its QuantInfo (`quant`, else read from the module): its true (out, in) shape and the
+    unquantized weight's dtype, never the packed storage's (`default_dtype`: the model's float dtype,
+    for kinds that do not record it)."""
+    quant = quant if quant is not None else describe_quantized(module, default_dtype)
+    if quant is not None:
+        return Layer(fqn=fqn, kind="linear", weight_shape=(quant.out_features, quant.in_features),
+                     has_bias=getattr(module, "bias", None) is not None, dtype=quant.dtype, quant=quant)
     w = module.weight
     common = dict(fqn=fqn, has_bias=getattr(module, "bias", None) is not None, dtype=w.dtype)
     if isinstance(module, nn.Linear):
@@ -172,9 +197,11 @@ def find_layer_nodes(
     `nn_module_stack`; Dynamo graphs spell that stack as source expressions)."""
     found: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LAYER_OPS:
+        if node.op != "call_function" or not is_layer_op(node.target):
             continue
         weight = layer_operands(node)[1]
+        if isinstance(weight, tuple):  # a quantized layer: its first operand is `<fqn>.weight[__...]`
+            weight = weight[0]
         path = weight_path(weight) if isinstance(weight, fx.Node) else None
         if path is None:
             continue

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 
 from ..errors import AdapterError, AdapterShapeError
+from ..quant import QuantInfo, QuantizedWeight
 
 PREPARED = "_prepared"  # key of a layer's `prepare_group` result in the params its forward receives
 
@@ -49,6 +50,8 @@ class Layer:
     padding_idx: int | None = None
     max_norm: float | None = None
     embed_scale: float | None = None
+    # a quantized layer (quant/): its weight reaches methods as a QuantizedWeight, never as a tensor
+    quant: QuantInfo | None = None
 
     @property
     def out_features(self) -> int:
@@ -69,6 +72,8 @@ class Layer:
 
     def base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The frozen layer's own op with a (possibly adapted) canonical weight."""
+        if isinstance(weight, QuantizedWeight):  # the quantized layer's op (re-dequantizes in backward)
+            return weight.linear(x, bias)
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         if self.kind == "conv2d":
@@ -145,6 +150,11 @@ class WeightMethod:
     def weight_side_ok(self, spec, training: bool) -> bool:
         """Whether merged_weight gives the same training forward (false with input dropout etc.)."""
         return self.merge_kind != "none"
+
+    def reads_dense_weight(self, spec) -> bool:
+        """Whether the activation-side forward needs the whole weight matrix W (MiSS's bat builds
+        W' from W's blocks), which a quantized base holds only packed. Default: no."""
+        return False
 
     # -- cross-layer batching (optional) ----------------------------------------------------
     def group_key(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], training: bool) -> Hashable | None:
