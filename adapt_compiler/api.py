@@ -57,6 +57,7 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     for name, (_, tensors, _, where) in read.items():
         if tensors is not None:
             checkpoint.load_adapter_state_dict(m.table, tensors, name, where=where)
+            checkpoint.warn_if_quantization_differs(m.table, name, where)
     if merge:
         m.merge()
         m.eval()

@@ -436,6 +436,7 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         spec, tensors, sub = checkpoint.read_adapter(path)  # read and validated before anything changes
         if hotswap:
             checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
+            checkpoint.warn_if_quantization_differs(self.table, adapter_name, path)
             return
         self.add_adapter(adapter_name, spec, sub)
         try:
@@ -443,6 +444,7 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        checkpoint.warn_if_quantization_differs(self.table, adapter_name, path)
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         return checkpoint.adapter_state_dict(self.table, adapter_name or self.state.active[0])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import AdapterSpec, check_positive, check_probability
+from ._lora_init_loftq import check_loftq_config, loftq_weights
 from ._patterns import pattern_value
 from .method import AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
@@ -30,9 +31,10 @@ class LoRA(AdapterSpec):
     dropout: float = 0.0
     rslora: bool = False
     use_dora: bool = False
-    init: bool | str = True  # True (kaiming A, zero B) | "gaussian" | False (B not zero)
+    init: bool | str = True  # True (kaiming A, zero B) | "gaussian" | False (B not zero) | "loftq"
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
 
     def __post_init__(self):
         super().__post_init__()
@@ -40,8 +42,12 @@ class LoRA(AdapterSpec):
         check_probability(self, dropout=self.dropout)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise AdapterError(f"LoRA: alpha={self.alpha!r} must be a positive number (PEFT's lora_alpha).")
-        if self.init not in (True, False, "gaussian"):
-            raise AdapterError(f"LoRA: init={self.init!r} is not supported; use True, False or 'gaussian'.")
+        if self.init not in (True, False, "gaussian", "loftq"):
+            raise AdapterError(f"LoRA: init={self.init!r} is not supported; use True, False, 'gaussian' or 'loftq'.")
+        if self.init == "loftq":
+            check_loftq_config(self.loftq_config)
+        elif self.loftq_config:
+            raise AdapterError("LoRA: loftq_config is only read with init='loftq'; set init='loftq' or drop it.")
 
 
 def rank_of(spec: LoRA, layer: Layer) -> int:
@@ -99,6 +105,8 @@ class LoRAMethod(WeightMethod):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(b)
+            if spec.init == "loftq":  # W − dequantize(W4) ≈ B·A (over a 4-bit base)
+                a, b = (t.to(dt) for t in loftq_weights(spec, layer, weight, r))
         params = {"lora_A": a, "lora_B": b}
         if spec.use_dora:
             with torch.no_grad():
@@ -231,7 +239,8 @@ class LoRAMethod(WeightMethod):
             "lora_dropout": spec.dropout,
             "use_rslora": spec.rslora,
             "use_dora": spec.use_dora,
-            "init_lora_weights": spec.init,
+            # LoftQ's result is in the saved tensors (and PEFT's "loftq" needs scipy to even load)
+            "init_lora_weights": True if spec.init == "loftq" else spec.init,
             "rank_pattern": dict(spec.rank_pattern),
             "alpha_pattern": dict(spec.alpha_pattern),
             "bias": "none",
