@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from . import formats
-from .checkpoint import load_adapter_state_dict
+from .checkpoint import load_adapter_state_dict, warn_if_quantization_differs
 from .errors import AdapterError
 from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
@@ -97,6 +97,9 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
             m._into_pool(name, spec_, tensors, where)
         elif tensors is not None:
             load_adapter_state_dict(m.table, tensors, name, where=where)
+    for name, (_, tensors, _, where) in read.items():
+        if tensors is not None:
+            warn_if_quantization_differs(m.table, name, where)
     if merge:
         m.merge()
         m.eval()

@@ -29,6 +29,8 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .quant import describe as describe_quantized
+from .quant import is_operand_key, known_layers, name_operands, operand_key, quantized_leaves
 
 
 @dataclass
@@ -202,26 +204,36 @@ def _exportable(model: nn.Module, kwargs: dict) -> nn.Module:
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors: dict | None = None,
-            root: str = "") -> Captured:
+            root: str = "", quant: dict | None = None) -> Captured:
     """Export `model` in the given mode. Never changes the model: its mode flags are restored, and
     `tensors` (FQN -> the frozen tensors the graph will run with, e.g. after `m.half()`) stand in
     for its parameters and buffers only while it is traced, so the graph bakes their dtypes and
     devices in, not those of the user's tensors. `root`: capture only that submodule (e.g. the
-    backbone `"model"` of a causal LM); the graph still names tensors by their FQN in `model`."""
+    backbone `"model"` of a causal LM); the graph still names tensors by their FQN in `model`.
+
+    Quantized layers (quant/): each is traced as one op over its operands, named `<fqn>.weight` and
+    `<fqn>.weight__<operand>` in the graph. `quant` (FQN -> QuantInfo) and the operands in `tensors`
+    are what the AdaptedModule read at compile time; without them they are read from the model."""
     args, kwargs = tuple(args), dict(kwargs)
     target = model.get_submodule(root) if root else model
     check_arguments(target, args, kwargs)
-    if tensors and root:
-        tensors = {k[len(root) + 1:]: v for k, v in tensors.items() if k.startswith(root + ".")}
-    swapped = _reparametrize_module(target, tensors) if tensors else contextlib.nullcontext()
-    with _mode(model, training), swapped:
+    if root:
+        tensors = {k[len(root) + 1:]: v for k, v in tensors.items() if k.startswith(root + ".")} if tensors else tensors
+        quant = {k[len(root) + 1:]: v for k, v in quant.items() if k.startswith(root + ".")} if quant else quant
+    infos, operands = _quantized(target, tensors, quant)
+    params = {k: v for k, v in tensors.items() if not is_operand_key(k)} if tensors else None
+    swapped = _reparametrize_module(target, params) if params else contextlib.nullcontext()
+    with _mode(model, training), swapped, quantized_leaves(target, infos, operands):
         try:
             exported = _exportable(target, kwargs)
             ep = torch.export.export(exported, args, kwargs, strict=False,
                                      dynamic_shapes=_dynamic_shapes(exported, args, kwargs))
         except Exception as err:  # noqa: BLE001 - re-raised with the module and the fix
             raise CaptureError(_explain(target, err)) from err
-    unlifted = _rooted_at(ep.module(), root)
+    unlifted = ep.module()
+    if infos:
+        name_operands(unlifted, infos, operands)
+    unlifted = _rooted_at(unlifted, root)
     # a plain GraphModule (export's wrapper refuses train()/eval()); keeps the pytree codegen
     gm = fx.GraphModule(unlifted, unlifted.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -253,3 +265,23 @@ def _rooted_at(unlifted: fx.GraphModule, root: str) -> fx.GraphModule:
         if node.op in ("get_attr", "call_module"):
             node.target = f"{root}.{node.target}"
     return fx.GraphModule(holder, graph)  # the same Graph object: its pytree calling convention stays
+
+
+def _quantized(model: nn.Module, tensors: dict | None, quant: dict | None):
+    """(FQN -> QuantInfo, FQN -> operand name -> tensor) of the model's quantized layers."""
+    from .quant import KINDS
+
+    layers = known_layers(model)
+    infos = dict(quant) if quant is not None else {fqn: describe_quantized(mod) for fqn, mod in layers.items()}
+    operands = {}
+    for fqn, info in infos.items():
+        live = None
+        operands[fqn] = {}
+        for name in info.operands:
+            key = operand_key(fqn, name)
+            if tensors is not None and key in tensors:
+                operands[fqn][name] = tensors[key]
+            else:
+                live = live if live is not None else KINDS[info.kind].operands(layers[fqn])
+                operands[fqn][name] = live[name]
+    return infos, operands

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -126,6 +127,55 @@ def read_adapter(path):
     method = method_for(spec)
     sub = read_sub_adapters(method, spec) if isinstance(method, GraphMethod) else {}
     return spec, tensors, sub
+
+
+# -- the base's quantization ---------------------------------------------------------------------
+# Adapters are quantization-agnostic (the same tensors load over any base), but outputs move by the
+# quantization error, so the safetensors metadata records what the adapter was trained over (PEFT
+# ignores it) and a load over a differently quantized base warns, naming both.
+QUANT_METADATA = "adapt_compiler.base_quantization"
+UNQUANTIZED = "unquantized"
+
+
+def base_quantization(table, name: str) -> str:
+    """How the layers adapter `name` sits on are quantized: "bitsandbytes nf4 (double quant)", ...,
+    "unquantized", or several joined by " + "."""
+    schemes = sorted({s.layer.quant.scheme if s.layer.quant is not None else UNQUANTIZED
+                      for s in table.slots_of(name)})
+    return " + ".join(schemes) if schemes else UNQUANTIZED
+
+
+def read_quantization(path) -> str | None:
+    """The base quantization an adapter directory was saved with (None: not recorded, e.g. by PEFT)."""
+    st = Path(path) / WEIGHTS_NAME
+    if not st.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            return (f.metadata() or {}).get(QUANT_METADATA)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the tensor load reports the file itself
+        return None
+
+
+def warn_if_quantization_differs(table, name: str, path) -> None:
+    """Warn, naming both, when adapter `name` was loaded from a checkpoint trained over another
+    quantization of the base than this model's."""
+    trained = read_quantization(path)
+    here = base_quantization(table, name)
+    if trained is not None and trained != here:
+        warnings.warn(
+            f"{path}: adapter {name!r} was trained over a base quantized as {trained}; this base is {here}. "
+            f"It loads (adapters do not depend on the quantization), but outputs differ from the training run's "
+            f"by the difference between the two quantizations.",
+            QuantizationMismatchWarning,
+            stacklevel=3,
+        )
+
+
+class QuantizationMismatchWarning(UserWarning):
+    """An adapter checkpoint was trained over a differently quantized base (see base_quantization)."""
 
 
 # -- state dicts ------------------------------------------------------------------------------
@@ -396,26 +446,28 @@ def _write_temp(path: Path, write) -> str:
     return tmp
 
 
-def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Path, dict, dict]]:
-    """(directory, tensors, config) of every folder a save writes: each adapter (layout "first":
-    the first in `root`, others in `root/<name>/`; layout "peft": PeftModel.save_pretrained's, the
-    adapter named "default" in `root`, every other in `root/<name>/`) and each graph method's
+def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Path, dict, dict, dict]]:
+    """(directory, tensors, config, safetensors metadata) of every folder a save writes: each adapter
+    (layout "first": the first in `root`, others in `root/<name>/`; layout "peft": PeftModel.save_pretrained's,
+    the adapter named "default" in `root`, every other in `root/<name>/`) and each graph method's
     sub-adapters in `<its dir>/<sub>/`."""
     out = []
     for i, n in enumerate(names):
         at_root = n == "default" if layout == "peft" else i == 0
         target = root if at_root else root / n
         config = peft_config(table, n)
+        metadata = {"format": "pt", QUANT_METADATA: base_quantization(table, n)}
         method = method_for(table.spec_of(n))
         subs = method.sub_adapter_state(table, n) if isinstance(method, GraphMethod) else {}
         if subs:
             # PEFT opens `adapters` values as given (relative = to its cwd), so record the folders'
             # absolute paths; loading falls back to <root>/<name> when the checkpoint has been moved
             config["adapters"] = {sub: str((target / sub).resolve()) for sub in subs}
-        out.append((target, adapter_state_dict(table, n), config))
+        out.append((target, adapter_state_dict(table, n), config, metadata))
         for sub, (sub_spec, fqns, tensors) in subs.items():
             sub_config = peft_config(table, n, sub_spec.replace(targets=sub_spec.targets or list(fqns)))
-            out.append((target / sub, {k: v.detach().contiguous() for k, v in tensors.items()}, sub_config))
+            out.append((target / sub, {k: v.detach().contiguous() for k, v in tensors.items()}, sub_config,
+                        metadata))
     return out
 
 
@@ -446,10 +498,10 @@ def save_adapter(table, path, adapter_name: str | list[str] | None = None, layou
     # (an error or Ctrl-C while writing) leaves the previous weights *and* config in place
     staged: list[tuple[str, Path]] = []
     try:
-        for target, tensors, config in payloads:
+        for target, tensors, config, metadata in payloads:
             text = json.dumps(config, indent=2, default=str)
             staged.append((_write_temp(target / WEIGHTS_NAME,
-                                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})),
+                                       lambda tmp: save_file(tensors, tmp, metadata=metadata)),
                            target / WEIGHTS_NAME))
             staged.append((_write_temp(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text)),
                            target / CONFIG_NAME))

@@ -40,6 +40,9 @@ from .errors import AdapterError, ExportError
 from .module import AdaptedModule
 from .names import ADAPTER_PREFIXES, graph_target, saved_target, slot_target
 from .passes import method_for
+from .quant import op_kinds
+
+QUANT_OPS = op_kinds()  # quantized layers' ops -> their kinds
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -140,8 +143,9 @@ def _adapted_graph(m, args, kwargs) -> torch.fx.GraphModule:
         raise ExportError("export(merge=False): adapters are disabled; enable them (leave the "
                           "disable_adapters() context) or export the base model with torch.export.")
     model = m.table.model
-    with _eval_mode(model):  # inputs that do not fit: a clear error before capture tries them
-        _check_runs(model, args, kwargs, type(model).__name__)
+    if not m.table.quant:  # (an eager eval forward of a bitsandbytes 4-bit model rewrites its weights on CPU)
+        with _eval_mode(model):  # inputs that do not fit: a clear error before capture tries them
+            _check_runs(model, args, kwargs, type(model).__name__)
     return m.graph(args, kwargs)
 
 
@@ -299,6 +303,25 @@ def _with_plain_outputs(ep):
     return new
 
 
+def _decompose_quantized(ep):
+    """The program with each quantized layer's op (quant/) replaced by its pure-ATen inference form,
+    which AOTInductor compiles; a kind without one (its kernel is a Python/bitsandbytes function
+    AOTInductor cannot compile into a package) is refused naming the layer kind."""
+    present = {node.target for node in ep.graph.nodes if node.op == "call_function"} & set(QUANT_OPS)
+    if not present:
+        return ep
+    missing = sorted(QUANT_OPS[op].label for op in present if QUANT_OPS[op].decompose is None)
+    if missing:
+        raise ExportError(
+            f"package: the program runs {', '.join(missing)} layers, whose kernels are bitsandbytes code that "
+            f"AOTInductor cannot compile into a package. The exported program itself runs (ep.module(), with "
+            f"adapt_compiler and bitsandbytes imported). For a package: export the merged, dequantized model "
+            f"(ac.export(m, ..., merge=True) merges into m.merged_module()), or quantize the base with torchao "
+            f"int8 (TorchAoConfig(Int8WeightOnlyConfig())), whose op has a pure-ATen form."
+        )
+    return ep.run_decompositions({op: QUANT_OPS[op].decompose for op in present})
+
+
 def package_program(ep, path, force: bool = False, inductor_configs: dict | None = None) -> Path:
     """AOTInductor-compile `ep` into a `.pt2` package at `path` (loadable with aoti_load_package).
 
@@ -308,7 +331,7 @@ def package_program(ep, path, force: bool = False, inductor_configs: dict | None
     """
     _check_program(ep)
     path = _target(path, force, ".pt2")
-    ep = _with_plain_outputs(ep)
+    ep = _with_plain_outputs(_decompose_quantized(ep))
     configs = dict(inductor_configs or {})
     if is_unmerged(ep):
         # keep constant-only subgraphs (e.g. weight-side ΔW) out of the baked constants: they are

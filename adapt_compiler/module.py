@@ -46,6 +46,11 @@ from .passes.method import BASE_WEIGHT
 from .passes.lora import LoRA
 from .passes.match import describe_layer, layer_kind, target_layers
 from .progress import status
+from .quant import KINDS as QUANT_KINDS
+from .quant import check_method as check_quantized_method
+from .quant import describe as describe_quantized
+from .quant import known_layers, operand_key
+from .quant.weight import frozen_weight
 from .report import build_report
 from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
@@ -88,8 +93,9 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         self.graph_adapters = nn.ModuleDict()  # adapter name -> modules of a graph-level method
         self.shared = nn.ModuleDict()  # adapter name -> tensors a weight method shares across layers
         self.base = nn.Module()  # frozen view of the model's params/buffers, same storage
-        self.__dict__["table"] = AdapterTable(model, self._freeze_base(model), AdapterState(), self.slots,
-                                              self.saved, self.graph_adapters, self.shared)
+        quant = {fqn: describe_quantized(mod, _float_dtype(model)) for fqn, mod in known_layers(model).items()}
+        self.__dict__["table"] = AdapterTable(model, self._freeze_base(model, quant), AdapterState(), self.slots,
+                                              self.saved, self.graph_adapters, self.shared, quant=quant)
         self._originals: dict[str, torch.Tensor] = {}  # merged FQN -> original data
         self._graphs: dict = {}  # (root, training, input signature) -> [_Entry]; root "" = the whole model
         self._traced: dict = {}  # simple structure key -> entry of the last eager call (see _traced_forward)
@@ -113,9 +119,19 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         return self.table.state
 
     # -- construction --------------------------------------------------------------------
-    def _freeze_base(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def _freeze_base(self, model: nn.Module, quant: dict) -> dict[str, torch.Tensor]:
+        """FQN -> frozen tensor sharing storage with the model's. Quantized layers (`quant`: FQN ->
+        QuantInfo) add their op's operands (scales, ...) as `<fqn>.weight__<operand>`, read now: a later
+        change to the user's layer (bitsandbytes repacks 4-bit weights in place for CPU inference)
+        does not reach our graphs."""
         frozen, by_id, names = {}, {}, {}
-        for fqn, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        modules = dict(model.named_modules())
+        operands = [(operand_key(fqn, name), nn.Parameter(t, requires_grad=False))
+                    for fqn, info in quant.items()
+                    for name, t in QUANT_KINDS[info.kind].operands(modules[fqn]).items()
+                    if t is not None and name != "weight"]
+        for fqn, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False),
+                       *operands]:
             if id(t) not in by_id:
                 by_id[id(t)] = nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, nn.Parameter) else t
             frozen[fqn] = by_id[id(t)]
@@ -167,6 +183,12 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         method = method_for(spec)
         for target in spec.modules_to_save or []:  # validated before anything is created
             self._saved_module_fqns(target)
+        if isinstance(method, GraphMethod) and self.table.quant:
+            fqn, info = next(iter(self.table.quant.items()))
+            raise AdapterError(
+                f"{type(spec).__name__} over a quantized base ({fqn} is {info.scheme}) is not supported yet; "
+                f"over quantized layers use a weight method (LoRA, DoRA, AdaLoRA, OFT, ...)."
+            )
         if isinstance(method, GraphMethod):
             if sub_adapters is None:
                 sub_adapters = checkpoint.read_sub_adapters(method, spec)
@@ -191,9 +213,11 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         self.invalidate_graphs()  # the adapted graphs change; base captures could be kept, but are cheap
 
     def _add_weight_adapter(self, name: str, method, spec) -> None:
-        layers = target_layers(method, spec, self._model)
+        layers = target_layers(method, spec, self._model, self.table.quant)
         for layer in layers.values():  # validate everything before creating anything
             method.check(spec, layer)
+            if layer.quant is not None:
+                self._check_quantized(method, spec, layer)
         frozen = self.table.frozen
         device = frozen[next(iter(layers.values())).weight_fqn].device
         shared_tensors = method.init_shared(spec, list(layers.values()))
@@ -201,9 +225,17 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
                                method.buffers(spec)) if shared_tensors else None
         created, bases = {}, {}
         for fqn, layer in layers.items():
-            weight = frozen[layer.weight_fqn]
+            if layer.quant is not None:  # methods initialise from W: dequantized for this call only
+                weight = frozen_weight(layer.quant, self._operands(fqn), layer.dtype).dequantize()
+            else:
+                weight = frozen[layer.weight_fqn]
             tensors = method.init_params(spec, layer, weight.t() if layer.transposed else weight)
             base = tensors.pop(BASE_WEIGHT, None)  # PiSSA / OLoRA / CorDA: the residual W − s·B₀A₀
+            if base is not None and layer.quant is not None:
+                raise AdapterError(
+                    f"{fqn}: init={getattr(spec, 'init', None)!r} replaces the base weight by a residual, and this is a "
+                    f"{layer.quant.scheme} layer whose packed weight we do not re-quantize; use init=True or 'loftq' "
+                    f"over a quantized base.")
             if base is not None:
                 bases[layer.weight_fqn] = (base.t() if layer.transposed else base).contiguous()
             created[fqn] = (layer, AdapterParams(tensors, method.buffers(spec)))
@@ -218,6 +250,23 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             if key not in self.slots:
                 self.slots[key] = AdapterSlot(layer, self.state)
             self.slots[key].add(name, method, params.to(frozen[layer.weight_fqn].device), shared)
+
+    def _check_quantized(self, method, spec, layer) -> None:
+        """Refuse, by name, a method PEFT does not support over this quantized layer, or one whose
+        forward needs the whole weight matrix (a full-precision copy of the quantized weight)."""
+        label = "DoRA" if getattr(spec, "use_dora", False) else type(spec).__name__
+        check_quantized_method(layer.quant, layer.fqn, method.name, label)
+        if method.reads_dense_weight(spec):
+            raise AdapterError(
+                f"{layer.fqn}: {label} with these settings rebuilds the whole weight matrix from W in every forward, "
+                f"a full-precision copy of the {layer.quant.scheme} weight; not supported over a quantized base. "
+                f"Fix: use its default variant, or another method."
+            )
+
+    def _operands(self, fqn: str) -> dict:
+        """Operand name -> frozen tensor (or None) of quantized layer `fqn`."""
+        info = self.table.quant[fqn]
+        return {name: self.table.frozen.get(operand_key(fqn, name)) for name in info.operands}
 
     def delete_adapter(self, name: str) -> None:
         if self.table.pool is not None and name in self.table.pool:  # frees the slot: nothing recompiles
@@ -443,7 +492,8 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         if isinstance(root, str):
             what = type(self._model).__name__ + (f".{root}" if root else "")
             with status(f"capturing {what} ({mode}) with torch.export"):
-                entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen, root),
+                entry = _Entry(pipeline.capture(self._model, args, kwargs, self.training, self.table.frozen, root,
+                                                self.table.quant),
                                None, compiled_flat(args, kwargs))
         else:
             with status(f"capturing {type(root[1]).__name__} ({mode}) with torch.export"):
@@ -507,6 +557,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         if self._pool_active is not None:
             raise AdapterError(f"merge: {self._pool_active!r} is served from the adapter pool, which stays unmerged; "
                                f"set a regular adapter active to merge.")
+        merging.check_unquantized(self.table, "merge()")
         self._originals = merging.merge_into(self.table)
         self._merged = True
 
@@ -525,9 +576,14 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
     def adapters_enabled(self) -> bool:
         return self._enabled
 
-    def merged_module(self) -> nn.Module:
-        """A plain module of the base architecture with the active adapters merged into its weights."""
-        return merging.merged_copy(self.table, self._originals if self._merged else None)
+    def merged_module(self, requantize: bool = False) -> nn.Module:
+        """A plain module of the base architecture with the active adapters merged into its weights.
+
+        Over a quantized base: every quantized layer becomes an `nn.Linear` holding its dequantized
+        (and, where adapted, merged) weight in the layer's own dtype; or, with `requantize=True`, a new
+        quantized layer of the same kind holding W + ΔW re-quantized (PEFT's merge_and_unload), with a
+        warning that reports how much of each adapter's update the rounding kept."""
+        return merging.merged_copy(self.table, self._originals if self._merged else None, requantize=requantize)
 
     # -- adapters as files -------------------------------------------------------------------
     def save_adapter(self, path, adapter_name: str | None = None, format: str = "peft",
@@ -558,6 +614,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
                 return
         if hotswap:
             checkpoint.hotswap(self.table, adapter_name, spec, tensors, where=str(path), merged=self._merged)
+            checkpoint.warn_if_quantization_differs(self.table, adapter_name, path)
             return
         if adapter_name in self.state.specs:
             checkpoint.overwrite(self.table, adapter_name, spec, tensors, sub, where=str(path), merged=self._merged)
@@ -574,6 +631,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
                 self.set_requires_grad(adapter_name, True)
         if not is_trainable:
             self.eval()
+        checkpoint.warn_if_quantization_differs(self.table, adapter_name, path)
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         return checkpoint.adapter_state_dict(self.table, adapter_name or self.active_adapters[0])
@@ -683,6 +741,15 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _root_name(root) -> str:
     """The graph-cache name of a root: a submodule path, or a view's name (see _forward_at)."""
     return root if isinstance(root, str) else root[0]
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The model's float dtype: that of its first floating-point parameter (for quantized kinds that
+    keep no dtype of their own, e.g. bitsandbytes int8)."""
+    for p in model.parameters():
+        if p.is_floating_point() and type(p) is nn.Parameter:
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 def _structure_key(training: bool, args: tuple, kwargs: dict, root: str = "") -> tuple:

@@ -80,6 +80,8 @@ class AdapterTable:
     # adapter name -> {weight FQN: the frozen data before its init swapped in a residual base (PiSSA, ...)}
     base_originals: dict = field(default_factory=dict)
     pool: Any = None  # lowering.pool.AdapterPool: adapters served from preallocated slots, or None
+    # FQN -> quant.QuantInfo of each quantized layer, read once at compile time; its operands are in `frozen`
+    quant: dict = field(default_factory=dict)
 
     @property
     def specs(self) -> dict:

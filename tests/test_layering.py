@@ -4,6 +4,8 @@ Every import statement counts, including the ones inside functions (a lazy impor
 it does not remove it). Layers, lowest first; a module may import its own layer and below:
 
     leaf        errors, names, counters, progress, table, default_targets
+    quant       quant.*                   (quantized-layer kinds: capture, matcher, slots and merge
+                                           all read them, so they sit right above the leaves)
     spec        spec
     capture     capture, example_inputs
     passes      passes.*                  (never lowering, pipeline, module)
@@ -31,6 +33,11 @@ ROOT = Path(adapt_compiler.__file__).parent
 PKG = "adapt_compiler"
 LAYERS = [
     ("leaf", ("errors", "names", "counters", "progress", "table", "default_targets")),
+    # the quantized-layer kinds (bitsandbytes, torchao): ecosystem glue, but capture (which wraps
+    # the layers while exporting), the matcher and Layer (passes), the slots and merge (lowering)
+    # and the AdaptedModule all read the same table, so it sits right above the leaf modules and
+    # imports only them (`errors`)
+    ("quant", ("quant",)),
     ("spec", ("spec",)),
     ("capture", ("capture", "example_inputs")),
     ("passes", ("passes",)),

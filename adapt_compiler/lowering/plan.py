@@ -68,10 +68,15 @@ def token_count(x_val, layer) -> tuple[int, str]:
 
 
 def choose_order(method, spec, layer, tokens: int, training: bool) -> cost.OrderChoice:
-    """The cheaper evaluation order of one adapter on one layer at `tokens` (or spec.order if forced)."""
+    """The cheaper evaluation order of one adapter on one layer at `tokens` (or spec.order if forced).
+
+    Over a quantized layer the weight side is for eval only: W' = dequantize(W) + ΔW is built, used
+    by one GEMM and freed; in training autograd would keep W' (a full-precision copy of a quantized
+    weight) until the backward, so training graphs stay on the activation side there."""
     flops = cost.with_training_and_traffic(method.cost(spec, layer, cost.TOKENS), layer, training,
                                            additive=method.merge_kind == "additive")
-    allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, training) else [])
+    allowed = ["activation"] + (["weight"] if method.weight_side_ok(spec, training) and not
+                                (training and layer.quant is not None) else [])
     return cost.choose(flops, tokens, spec.order, allowed)
 
 
@@ -97,7 +102,7 @@ def plan_layers(gm: fx.GraphModule, specs: dict, training: bool, mixed: bool = F
             spec = specs[name]
             choice = choose_order(method, spec, slot.layer, tokens, training)
             order = choice.order
-            if order == "activation" and on_cuda and not mixed and method.kernel_operands(
+            if order == "activation" and on_cuda and not mixed and slot.layer.quant is None and method.kernel_operands(
                     spec, slot.layer, slot.params(name), training) is not None:
                 order = "kernel"  # the fused Triton LoRA kernel (kernels/fused_lora.py)
             orders[name] = order

@@ -9,7 +9,9 @@ arguments, so every graph carries its own decisions (lowering/plan.py):
                                   training=<graph mode>, mixed=None | "multi_lora" | "select",
                                   prepared={adapter: <share of a batched parameter transform>})
 
-At run time the slot only reads which adapters are active (`set_adapter`) and, in a mixed-batch
+Over a quantized layer (quant/), W is the tuple of its op's operands (packed weight, scales) and
+constants; the slot hands methods a `QuantizedWeight` over them, whose `Layer.base` is the quantized
+op itself. At run time the slot only reads which adapters are active (`set_adapter`) and, in a mixed-batch
 graph, each sample's adapter. `SavedModuleSlot` replaces the parameter reads of a
 `modules_to_save` module with the active adapter's trainable copy. Both are plain modules: eager
 runs them, Dynamo and torch.export trace through them into one flat ATen graph.
@@ -22,6 +24,7 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..passes.method import PREPARED, Layer
+from ..quant import QuantizedWeight
 from ..table import AdapterParams, AdapterState
 from . import kernels
 
@@ -60,6 +63,9 @@ class AdapterSlot(nn.Module):
             a, b, s = method.kernel_operands(spec, layer, p, training)
             return kernels.fused_lora_linear(x, weight, bias, a, b, s)  # the fused Triton kernel
         if order == "weight":  # fold ΔW / the rotation into one GEMM: x·(W')ᵀ
+            if isinstance(weight, QuantizedWeight):  # W' = dequantize + ΔW, freed after the GEMM (eval only)
+                w, b = method.merged_weight(spec, layer, p, weight.dequantize(), bias)
+                return weight.linear(x, b, dense=w)
             w, b = method.merged_weight(spec, layer, p, weight, bias)
             return layer.base(x, w, b)
         if prepared is not None:
@@ -71,6 +77,8 @@ class AdapterSlot(nn.Module):
         layer = self.layer
         if layer.transposed:  # HF Conv1D: addmm(b, x, W) with W stored (d_in, d_out)
             weight = weight.t()
+        if layer.quant is not None:  # a quantized layer: `weight` is its op's operands and constants
+            weight = QuantizedWeight(layer.quant, weight, x.dtype)
         if mixed is not None:
             from .mixed import mixed_batch_forward
 

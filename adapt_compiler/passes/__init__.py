@@ -57,7 +57,7 @@ def insert_weight_adapters(gm: fx.GraphModule, layers: dict, same_tensor=None, e
                     f"which does not fit its module ({layer.kind}{', transposed' if layer.transposed else ''}); "
                     f"exclude it from `targets`.")
             with gm.graph.inserting_before(m.node):
-                new = gm.graph.call_module(slot_target(fqn), (m.x, m.weight, m.bias))
+                new = gm.graph.call_module(slot_target(fqn), (m.x, m.slot_weight, m.bias))
             new.meta.update(m.node.meta)
             new.meta["adapter"] = (*layers[fqn][1:], fqn)
             new.meta["ac_pattern"] = m.pattern.name

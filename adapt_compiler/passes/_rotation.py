@@ -80,8 +80,8 @@ def evaluate_rotated(layer: Layer, x, weight, bias, rotate, scale=None):
     `rotate` maps row vectors over the rotated dim (…, n) -> (…, n). `scale` is an optional per-output
     vector (BOFT's s), applied before the bias as PEFT does.
     """
-    if layer.kind == "linear":
-        y = F.linear(rotate(x), weight, None if scale is not None else bias)
+    if layer.kind == "linear":  # layer.base: the quantized op too, when the base is quantized
+        y = layer.base(rotate(x), weight, None if scale is not None else bias)
     elif layer.pointwise:
         # 1×1 conv: the patch is the channel vector; rotating before zero padding is the same
         xr = rotate(x.movedim(1, -1)).movedim(-1, 1)

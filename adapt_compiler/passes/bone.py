@@ -143,6 +143,9 @@ class BoneMethod(WeightMethod):
     def weight_side_ok(self, spec, training):
         return spec.mode == "bat" or not (training and spec.dropout)
 
+    def reads_dense_weight(self, spec):
+        return spec.mode == "bat"  # bat's update is built from W's own blocks
+
     def cost(self, spec, layer, tokens):
         d_in, d_out, r = layer.in_features, layer.out_features, spec.r
         if spec.mode == "bat":

@@ -28,6 +28,7 @@ from ..default_targets import moe_conversion
 from ..spec import AdapterSpec, check_positive, check_probability
 from . import _lora_params, _lora_variants
 from ._lora_init import INITIALISERS, initialiser_for
+from ._lora_init_loftq import check_loftq_config, loftq_weights
 from ._patterns import pattern_value
 from .method import BASE_WEIGHT, AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
@@ -58,6 +59,7 @@ class LoRA(AdapterSpec):
     # data-driven initialisations (init="eva" / "corda"): PEFT's EvaConfig / CordaConfig fields
     eva_config: dict | None = None
     corda_config: dict | None = None
+    loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,11 +67,15 @@ class LoRA(AdapterSpec):
         check_probability(self, dropout=self.dropout)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise AdapterError(f"LoRA: alpha={self.alpha!r} must be a positive number (PEFT's lora_alpha).")
-        if self.init not in (True, False, "gaussian") and initialiser_for(self.init) is None:
+        if self.init not in (True, False, "gaussian", "loftq") and initialiser_for(self.init) is None:
             known = ", ".join(repr(n) for n in sorted(INITIALISERS))
             why = REFUSED_INITS.get(self.init, "")
             raise AdapterError(f"LoRA: init={self.init!r} (PEFT's init_lora_weights) is not supported{why}; use True, "
-                               f"False, 'gaussian' or one of {known}.")
+                               f"False, 'gaussian', 'loftq' or one of {known}.")
+        if self.init == "loftq":
+            check_loftq_config(self.loftq_config)
+        elif self.loftq_config:
+            raise AdapterError("LoRA: loftq_config is only read with init='loftq'; set init='loftq' or drop it.")
         for name in ("use_bdlora", "kasa_config", "velora_config", "eva_config", "corda_config"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
@@ -114,7 +120,6 @@ REFUSED = {
 }
 REFUSED_INITS = {
     "lora_ga": " (LoRA-GA needs the gradients PEFT's preprocess_loraga collects)",
-    "loftq": " here (LoftQ belongs to the quantized-base work; it registers as passes/_lora_init_loftq.py)",
 }
 
 
@@ -279,6 +284,8 @@ class LoRAMethod(WeightMethod):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             else:
                 nn.init.zeros_(b)
+            if spec.init == "loftq":  # W − dequantize(W4) ≈ B·A (over a 4-bit base)
+                a, b = (t.to(dt) for t in loftq_weights(spec, layer, weight, r))
             side = _lora_variants.bd_side(spec, layer)
             n = (spec.use_bdlora or {}).get("nblocks", 1)
             if side == "A":  # PEFT replaces A by a BlockDiagonalLinear: (r, d_in/n), kaiming (a=0)
@@ -486,7 +493,8 @@ class LoRAMethod(WeightMethod):
             "lora_dropout": spec.dropout,
             "use_rslora": spec.rslora,
             "use_dora": spec.use_dora,
-            "init_lora_weights": spec.init,
+            # LoftQ's result is in the saved tensors (and PEFT's "loftq" needs scipy to even load)
+            "init_lora_weights": True if spec.init == "loftq" else spec.init,
             "rank_pattern": dict(spec.rank_pattern),
             "alpha_pattern": dict(spec.alpha_pattern),
             "bias": "none",

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import AdapterShapeError
+from ..quant import describe as describe_quantized
+from ..quant import kind_of as quantized_kind
+from ..quant import op_kinds
 from ..spec import resolve_targets
 from .method import CONV_KINDS, Layer
 
@@ -44,6 +47,9 @@ class Operands:
     weight: fx.Node
     bias: fx.Node | None
     transposed: bool  # the weight is stored (d_in, d_out): HF Conv1D, `x @ W`
+    # a quantized layer's op (quant/): its operands and constants, which the slot takes as its W
+    # (`weight` is then the first operand, `<fqn>.weight`, which names the layer)
+    weight_args: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,20 @@ def _einsum(node, is_param):
     return Operands(x, w, None, transposed=ws.index(contracted) == 0)
 
 
+# The quantized layers' ops (quant/): op(x, bias, *operands, *constants), one per quantized layer while
+# capture runs (quant/leaves.py)
+QUANT_LAYER_OPS = op_kinds()
+
+
+def _quantized_op(node, is_param):
+    first = node.args[2] if len(node.args) > 2 else None
+    if not isinstance(first, fx.Node) or not is_param(first):
+        return "its packed weight is not a model tensor"
+    bias = node.args[1]
+    return Operands(node.args[0], first, bias if isinstance(bias, fx.Node) else None, False,
+                    weight_args=tuple(node.args[2:]))
+
+
 _LINEAR_OPS = frozenset({aten.linear.default, torch._C._nn.linear})  # F.linear is torch._C._nn.linear
 _ADDMM_OPS = frozenset({aten.addmm.default, torch.addmm})
 _MATMUL_OPS = frozenset({aten.matmul.default, aten.mm.default, torch.matmul, torch.mm, operator.matmul,
@@ -173,6 +193,7 @@ LAYER_PATTERNS: tuple[LayerPattern, ...] = (
     *(LayerPattern(kind, kind, ops, _direct(x=0, w=1, b=2)) for kind, ops in _CONV_OPS.items()),
     LayerPattern("embedding", "embedding", frozenset({aten.embedding.default}), _direct(x=1, w=0, b=None)),
     LayerPattern("embedding", "embedding", frozenset({F.embedding}), _direct(x=0, w=1, b=None)),
+    LayerPattern("quantized linear", "linear", frozenset(QUANT_LAYER_OPS), _quantized_op),
 )
 _PATTERN_OF = {op: p for p in LAYER_PATTERNS for op in p.ops}
 # the compatibility view of the table for direct ops: op -> (weight index, activation index, bias index)
@@ -196,10 +217,16 @@ class LayerMatch:
     bias: fx.Node | None
     pattern: LayerPattern
     transposed: bool
+    weight_args: tuple | None = None  # a quantized op's operands and constants (see Operands)
 
     @property
     def kind(self) -> str:
         return self.pattern.kind
+
+    @property
+    def slot_weight(self):
+        """What the adapter slot takes as W: the weight node, or a quantized op's operand tuple."""
+        return self.weight_args if self.weight_args is not None else self.weight
 
 
 def _bias_add(node: fx.Node, is_param) -> tuple[fx.Node, fx.Node] | None:
@@ -235,7 +262,7 @@ def match_node(node: fx.Node, is_param) -> LayerMatch | str | None:
         extra = _bias_add(node, is_param)
         if extra is not None:
             out, bias = extra
-    return LayerMatch(out, node, got.x, got.weight, bias, pattern, got.transposed)
+    return LayerMatch(out, node, got.x, got.weight, bias, pattern, got.transposed, got.weight_args)
 
 
 def refresh(match: LayerMatch) -> LayerMatch:
@@ -258,7 +285,10 @@ def layer_matches(gm: fx.GraphModule, weight_path=None) -> list[LayerMatch]:
 
 
 def layer_operands(node: fx.Node):
-    """(activation, weight, bias) argument nodes of a direct layer op in LAYER_OPS (bias may be None)."""
+    """(activation, weight, bias) argument nodes of a direct layer op in LAYER_OPS (bias may be None); for a
+    quantized layer's op, weight is the tuple of its operands and constants."""
+    if node.target in QUANT_LAYER_OPS:
+        return node.args[0], tuple(node.args[2:]), node.args[1]
     w_idx, x_idx, b_idx = LAYER_OPS[node.target]
     names = {0: "input", 1: "weight", 2: "bias"}
     get = lambda i: None if i is None else _arg(node, i, names.get(i, ""))  # noqa: E731
@@ -311,7 +341,10 @@ def layer_from_node(fqn: str, node: fx.Node, weight: torch.Tensor, has_bias: boo
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The layer kind a weight method can adapt, or None."""
+    """The layer kind a weight method can adapt, or None. A quantized layer of a kind we do not know
+    (GPTQ, AWQ, HQQ, ...) raises an AdapterError naming its class and the supported quantizations."""
+    if quantized_kind(module) is not None:  # bitsandbytes / torchao linears (quant/)
+        return "linear"
     if isinstance(module, nn.Linear):
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
@@ -326,8 +359,15 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def describe_layer(fqn: str, module: nn.Module) -> Layer:
-    """The method-facing description of a module (canonical weight layout)."""
+def describe_layer(fqn: str, module: nn.Module, quant=None, default_dtype=torch.float32) -> Layer:
+    """The method-facing description of a module (canonical weight layout). A quantized layer is
+    described by its QuantInfo (`quant`, else read from the module): its true (out, in) shape and the
+    unquantized weight's dtype, never the packed storage's (`default_dtype`: the model's float dtype,
+    for kinds that do not record it)."""
+    quant = quant if quant is not None else describe_quantized(module, default_dtype)
+    if quant is not None:
+        return Layer(fqn=fqn, kind="linear", weight_shape=(quant.out_features, quant.in_features),
+                     has_bias=getattr(module, "bias", None) is not None, dtype=quant.dtype, quant=quant)
     w = module.weight
     common = dict(fqn=fqn, has_bias=getattr(module, "bias", None) is not None, dtype=w.dtype)
     kind = layer_kind(module)
@@ -361,13 +401,13 @@ def describe_layer(fqn: str, module: nn.Module) -> Layer:
     raise AssertionError(type(module))
 
 
-def describe_layers(fqn: str, module: nn.Module) -> list[Layer]:
+def describe_layers(fqn: str, module: nn.Module, quant=None) -> list[Layer]:
     """The layers one targeted module contributes. nn.MultiheadAttention is two, as in PEFT: its
     packed in_proj (weight `in_proj_weight`, keys on the MHA module) and its out_proj (keys under
     `<mha>.base_layer.out_proj`); MultiheadAttention calls both as F.linear itself, so PEFT merges
     the adapter into them around each call: no input dropout, and out_proj's delta counts twice."""
     if not isinstance(module, nn.MultiheadAttention):
-        return [describe_layer(fqn, module)]
+        return [describe_layer(fqn, module, quant)]
     if not module._qkv_same_embed_dim:
         raise AdapterShapeError(
             f"{fqn}: nn.MultiheadAttention with kdim/vdim != embed_dim keeps separate q/k/v weights; PEFT (and we) "
@@ -385,10 +425,11 @@ def describe_layers(fqn: str, module: nn.Module) -> list[Layer]:
     return [in_proj, out_proj]
 
 
-def target_layers(method, spec, model: nn.Module) -> dict[str, Layer]:
+def target_layers(method, spec, model: nn.Module, quant: dict | None = None) -> dict[str, Layer]:
     """Every layer a weight method's spec adapts on `model`, by FQN: its target modules (an
     nn.MultiheadAttention counts two, see `describe_layers`) and the parameters it targets itself
-    (`method.parameter_layers`). Nothing is created; `method.check` validates each afterwards."""
+    (`method.parameter_layers`). `quant`: FQN -> QuantInfo of the quantized layers (quant/). Nothing
+    is created; `method.check` validates each afterwards."""
     modules = dict(model.named_modules())
     layers: dict[str, Layer] = {}
     fqns = [] if spec.targets == [] else resolve_targets(spec, model, layer_kind)  # []: parameters only
@@ -398,7 +439,7 @@ def target_layers(method, spec, model: nn.Module) -> dict[str, Layer]:
             raise AdapterShapeError(
                 f"{fqn}: {method.name} does not support nn.MultiheadAttention (PEFT adapts it with LoRA only); "
                 f"exclude it from `targets`.")
-        for layer in describe_layers(fqn, module):
+        for layer in describe_layers(fqn, module, (quant or {}).get(fqn)):
             layers[layer.fqn] = layer
     for fqn, layer in method.parameter_layers(spec, model).items():
         if fqn in layers:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 
 from ..errors import AdapterError, AdapterShapeError
+from ..quant import QuantInfo, QuantizedWeight
 
 PREPARED = "_prepared"  # key of a layer's `prepare_group` result in the params its forward receives
 # key under which `init_params` may return the layer's new frozen base weight (canonical layout): PiSSA,
@@ -81,6 +82,8 @@ class Layer:
     # an embedding weight whose rows at these indices are replaced by trainable ones (PEFT's
     # trainable_token_indices); the slot serves every read of the weight (tied output heads too)
     token_indices: tuple[int, ...] = ()
+    # a quantized layer (quant/): its weight reaches methods as a QuantizedWeight, never as a tensor
+    quant: QuantInfo | None = None
 
     @property
     def is_conv(self) -> bool:
@@ -138,6 +141,8 @@ class Layer:
 
     def base(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The frozen layer's own op with a (possibly adapted) canonical weight."""
+        if isinstance(weight, QuantizedWeight):  # the quantized layer's op (re-dequantizes in backward)
+            return weight.linear(x, bias)
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         if self.is_conv:
@@ -231,6 +236,11 @@ class WeightMethod:
     def weight_side_ok(self, spec, training: bool) -> bool:
         """Whether merged_weight gives the same training forward (false with input dropout etc.)."""
         return self.merge_kind != "none"
+
+    def reads_dense_weight(self, spec) -> bool:
+        """Whether the activation-side forward needs the whole weight matrix W (MiSS's bat builds
+        W' from W's blocks), which a quantized base holds only packed. Default: no."""
+        return False
 
     # -- cross-layer batching (optional) ----------------------------------------------------
     def group_key(self, spec, layer: Layer, p: Mapping[str, torch.Tensor], training: bool) -> Hashable | None:
