@@ -460,3 +460,26 @@ def test_bitsandbytes_package_is_a_clear_error(bases, tmp_path):
     with pytest.raises(ExportError, match="bitsandbytes 4-bit .*AOTInductor cannot compile"):
         ac.package(ep, tmp_path / "q.pt2")
     assert not (tmp_path / "q.pt2").exists()
+
+
+# -- the README ---------------------------------------------------------------------------------------
+def test_readme_qlora_quick_start(tmp_path, monkeypatch):
+    """The README's QLoRA quick start runs as written (eager lowering here, for speed)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Quantized base models (QLoRA)", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    assert "ac.compile(model, ac.LoRA(" in code
+    code = code.replace('"o_proj"]))', '"o_proj"]), lowering="eager")')
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README QLoRA quick start", "exec"), scope)  # noqa: S102 - our own docs
+    assert (tmp_path / "qlora_adapter" / "adapter_config.json").is_file()
+    assert type(scope["full"].model.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(scope["q4"].model.layers[0].self_attn.q_proj) is bnb.nn.Linear4bit
+    assert any("rounds away" in str(w.message) for w in caught)
+    assert scope["loss"].item() == scope["loss"].item()  # trained: finite
