@@ -12,7 +12,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,triton,onnx,quant]"
+	$(BIN)/pip install -q -e ".[test,triton,onnx,quant,trl,diffusers]"
 	touch $(STAMP)
 
 install: $(STAMP)
