@@ -147,8 +147,8 @@ def _ours_adapted(m) -> set[str]:
     return {s.layer.fqn for s in m.table.slots.values()}
 
 
-# the rows run by default (about 15 s each on 2 busy cores); the rest are marked slow (`-m slow`, ~10 min)
-FAST = {"llama", "bert", "t5", "vit", "mixtral", "whisper"}
+# the rows run by default (about 15 s each on 2 busy cores); the other 17 are marked slow (`-m slow`, ~10 min)
+FAST = {"falcon", "t5", "vit", "mixtral", "whisper"}  # Falcon: the x @ W.T + b regression
 
 
 @pytest.fixture(scope="module", params=[a if a in FAST else pytest.param(a, marks=pytest.mark.slow)
@@ -187,7 +187,8 @@ def test_lora_on_architecture(arch, targets, tmp_path):
 
     # PEFT's own choice of layers, where PEFT has one, and its directory loaded here
     if targets is None and peft_default("lora", base.config.model_type) is None:
-        assert all(any(k in f for k in ("q", "v", "query", "value", "qkv", "c_attn", "in_proj")) for f in _ours_adapted(m))
+        picked = {f.rsplit(".", 1)[-1] for f in _ours_adapted(m)}  # each attention's query and value projections
+        assert picked in ({"q_proj", "v_proj"}, {"query", "value"}, {"q", "v"}, {"qkv"}, {"query_key_value"}), picked
     else:
         peft_targets = targets
         if targets is None and name == "mixtral":  # PEFT 0.21.2 raises NoMatchingPeftModuleError on its own
