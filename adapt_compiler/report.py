@@ -19,7 +19,7 @@ from .counters import COUNTERS
 from .lowering import kernel_backend
 from .lowering.plan import decisions_of
 from .passes import GraphMethod, method_for
-from .passes.match import describe_layer, layer_kind
+from .passes.match import describe_layer, layer_kind, survey
 from .default_targets import peft_default
 from .spec import _output_head, is_target
 
@@ -174,7 +174,7 @@ class Report:
     def _unmatched_table(self):
         from rich.table import Table
 
-        table = Table(title="close but not targeted", header_style="bold")
+        table = Table(title="close but not targeted, or seen in the graph and not adaptable", header_style="bold")
         several = len(self.adapters) > 1
         if several:
             table.add_column("adapter")
@@ -270,7 +270,7 @@ def build_report(table, lowering: str, graph=None, checks=(), workarounds=()) ->
         n += rep.graph_adapters.get(name, ("", 0))[1]
         n += sum(p.numel() for p in table.shared[name].parameters()) if name in table.shared else 0
         rep.adapters[name] = (spec.method, n)
-    rep.unmatched = find_unmatched(table)
+    rep.unmatched = find_unmatched(table) + (graph_unmatched(table, graph) if graph is not None else [])
     rep.trainable_params = sum(p.numel() for *_, p in table.tensors() if p.requires_grad)
     rep.base_params = sum(p.numel() for p in table.model.parameters())
     device = next(iter(table.frozen.values())).device if table.frozen else None
@@ -304,6 +304,32 @@ def find_unmatched(table) -> list[UnmatchedRow]:
         for (pattern, tname, shape, reason), fqns in groups.items():
             out.append(UnmatchedRow(name, pattern, len(fqns), tname, shape, reason))
     return out
+
+
+def graph_unmatched(table, graph) -> list[UnmatchedRow]:
+    """What the matcher saw in the adapted graph and could not adapt (passes/match.py `survey`): weights
+    read by ops that are not linear-equivalent (MoE experts' grouped matmuls, ...), and linear-equivalent
+    ops whose module is not a layer a target can name. Grouped by name pattern, each with the reason."""
+    modules = dict(table.model.named_modules())
+    adapted = {s.layer.fqn for s in table.slots.values()} | {s.layer.weight_fqn for s in table.slots.values()}
+    groups: dict[tuple, list[str]] = {}
+    for c in survey(graph, lambda path: table.frozen.get(path)):
+        owner = c.weight.rsplit(".", 1)[0] if c.weight and "." in c.weight else ""
+        if c.weight in adapted or owner in adapted or c.weight is None:
+            continue
+        reason = c.reason
+        if not reason:
+            module = modules.get(c.module or owner)
+            if module is None or layer_kind(module) is not None:
+                continue  # an ordinary layer: the class-based rows above say why it is not targeted
+            reason = (f"{c.op} inside {type(module).__name__}, which is not a layer module a target can name; "
+                      f"LoRA can adapt its weight with target_parameters")
+        t = table.frozen.get(c.weight)
+        key = (re.sub(r"\.\d+\.", ".*.", c.weight), type(modules.get(owner)).__name__ if owner in modules else "-",
+               tuple(t.shape) if t is not None else (), reason)
+        groups.setdefault(key, []).append(c.weight)
+    return [UnmatchedRow("(graph)", pattern, len(set(ws)), tname, shape, reason)
+            for (pattern, tname, shape, reason), ws in groups.items()]
 
 
 def _why_not(spec, fqn: str, targets, head) -> str:

@@ -220,3 +220,27 @@ def test_progress_is_quiet_off_a_terminal(monkeypatch, capsys):
         assert progress.is_quiet()
     monkeypatch.setenv("ADAPT_COMPILER_QUIET", "1")
     assert progress.progress(items) is items
+
+
+def test_unmatched_lists_graph_weights_the_matcher_could_not_adapt(capsys):
+    """--unmatched (issue 20): besides Linear layers left out of `targets`, the weights the graph reads
+    through ops that are not linear-equivalent (Mixtral's fused experts, a grouped matmul) and linear
+    ops inside modules a target cannot name (its router), each with the reason and the way out."""
+    import transformers as tf
+
+    from adapt_compiler.commands.inspect import inspect_model
+
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, use_cache=False)
+    torch.manual_seed(0)
+    _, rep = inspect_model(tf.AutoModelForCausalLM.from_config(cfg), ac.LoRA(r=4, targets=["q_proj", "v_proj"]))
+    rows = {r.pattern: r for r in rep.unmatched}
+    assert rows["model.layers.*.self_attn.k_proj"].reason.startswith("not in targets")
+    experts = rows["model.layers.*.mlp.experts.gate_up_proj"]
+    assert (experts.adapter, experts.weight_shape) == ("(graph)", (4, 64, 32))
+    assert "not a linear-equivalent layer op" in experts.reason and "target_parameters" in experts.reason
+    assert "MixtralTopKRouter" in rows["model.layers.*.mlp.gate.weight"].reason
+    assert not any("q_proj" in p or "v_proj" in p for p in rows)  # adapted layers are not listed
+    rep.print(unmatched=True)
+    assert "seen in the graph and not adaptable" in capsys.readouterr().out

@@ -12,8 +12,8 @@ model's weight; we swap the residual into our frozen copy, never the user's mode
 checkpoint saved with such an init runs the init again, then copies the trained A, B over it: the
 residual is part of what the checkpoint means, in PEFT as here.
 
-Data-driven initialisers (EVA, CorDA) start like plain LoRA (B = 0) and are completed by
-`ac.initialize_from_data(m, batches)`, which runs the base model over the user's data.
+Data-driven initialisers (EVA, CorDA) are not implemented: they need PEFT's data passes
+(initialize_lora_eva_weights, preprocess_corda) over the user's data; passes/lora.py refuses them by name.
 """
 
 from __future__ import annotations

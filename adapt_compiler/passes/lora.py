@@ -43,7 +43,7 @@ class LoRA(AdapterSpec):
     rslora: bool = False
     use_dora: bool = False
     # True (kaiming A, zero B) | "gaussian" | False (B not zero) | an initialiser of passes/_lora_init*.py:
-    # "pissa", "pissa_niter_<k>", "olora", "mica", "corda", "eva", ... (PEFT's init_lora_weights values)
+    # "pissa", "pissa_niter_<k>", "olora", "mica" (PEFT's init_lora_weights values)
     init: bool | str = True
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
@@ -56,7 +56,7 @@ class LoRA(AdapterSpec):
     use_bdlora: dict | None = None
     kasa_config: dict | None = None
     velora_config: dict | None = None
-    # data-driven initialisations (init="eva" / "corda"): PEFT's EvaConfig / CordaConfig fields
+    # kept as saved (init="eva" / "corda" are refused: REFUSED_INITS)
     eva_config: dict | None = None
     corda_config: dict | None = None
     loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
@@ -120,6 +120,10 @@ REFUSED = {
 }
 REFUSED_INITS = {
     "lora_ga": " (LoRA-GA needs the gradients PEFT's preprocess_loraga collects)",
+    "eva": " (EVA initialises A from activations PEFT's initialize_lora_eva_weights collects over the user's data, "
+           "and redistributes ranks; train with PEFT's EVA, or pass its rank_pattern with init=True)",
+    "corda": " (CorDA decomposes each weight with covariances PEFT's preprocess_corda collects over the user's "
+             "data, and the base becomes the residual)",
 }
 
 
