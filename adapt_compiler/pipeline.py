@@ -81,7 +81,7 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     that disagrees falls back to eager with a warning."""
     if how == "eager":
         return gm
-    compiled_graph = for_inductor(gm) if how == "inductor" else gm  # known Inductor bugs, worked around
+    compiled_graph = for_inductor(gm) if how in ("inductor", "regional") else gm  # known Inductor bugs, worked around
     if not verify:
         return lowering.lower(compiled_graph, how)
     # the compiled graph draws the same random numbers as the eager one (aten's generator), so

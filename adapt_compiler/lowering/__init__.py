@@ -6,11 +6,13 @@
     slots.py      the runtime modules the adapted graph calls (they obey the plan)
     mixed.py      one adapter per sample (`adapter_names=`)
     merge.py      fold adapters into the weights
+    regional.py   lowering="regional": each distinct repeated block compiled once (aot_region.py)
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references
 
 `lower(gm, how)` is the last step of the pipeline (pipeline.py): the whole adapted graph is
-compiled with Inductor (C++ on CPU, Triton on CUDA), or run as is with lowering="eager".
+compiled with Inductor (C++ on CPU, Triton on CUDA), compiled one distinct repeated block at a time
+with lowering="regional", or run as is with lowering="eager".
 """
 
 from __future__ import annotations
@@ -20,19 +22,27 @@ from torch import fx
 
 from . import kernels
 
-LOWERINGS = ("inductor", "eager")
+LOWERINGS = ("inductor", "regional", "eager")
 
 
 def lower(gm: fx.GraphModule, how, options: dict | None = None):
-    """`how`: "inductor", "eager", or any torch.compile backend (a callable). `options`: Inductor
-    config for this graph only."""
+    """`how`: "inductor", "regional", "eager", or any torch.compile backend (a callable). `options`:
+    Inductor config for this graph only."""
     if how == "eager":
         return gm
     if how == "inductor":
-        return torch.compile(gm, dynamic=None, options=options or None)
+        return _whole(gm, options)
+    if how == "regional":
+        from .regional import lower_regional
+
+        return lower_regional(gm, options, _whole)
     if callable(how):
         return torch.compile(gm, backend=how, dynamic=None)
     raise ValueError(f"lowering={how!r} is not one of {LOWERINGS} or a torch.compile backend")
+
+
+def _whole(gm: fx.GraphModule, options: dict | None):
+    return torch.compile(gm, dynamic=None, options=options or None)
 
 
 def lowering_name(how) -> str:
