@@ -31,7 +31,7 @@ from .names import slot_key
 from .passes import GraphMethod, method_for
 from .passes.match import describe_layer, layer_kind
 from .progress import status
-from .report import build_report
+from .report import build_report, region_lines
 from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
 
@@ -435,7 +435,9 @@ class AdaptedModule(HFModelAttributes, nn.Module):
         graph = self.latest_graph() if self._graphs and self.state.specs else None
         workarounds = [w for es in self._graphs.values() for e in es for gm in e.graphs.values()
                        for w in gm.meta.get("ac_workarounds", ())]
-        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds)
+        regions = [line for es in self._graphs.values() for e in es for gm in e.graphs.values()
+                   for line in region_lines(gm.meta.get("ac_regions"))]
+        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions)
         if print_table:
             rep.print()
         return rep
