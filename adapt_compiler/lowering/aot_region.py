@@ -76,7 +76,7 @@ class AOTRegion:
         self.options = options or {}
         self.phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
         self.compiled = {}  # requires_grad pattern -> (callable, guard fn, assumptions)
-        self.assumptions = []  # ">= 2" facts the compile used (sizes 1 are still served: see FINDINGS)
+        self.assumptions = []  # ">= 2" facts the compile used (sizes 1 are still served: tests/test_regional.py)
         self.relations = []  # relations between sizes, checked on every call
         self.calls = 0
         self.compile_s = 0.0
