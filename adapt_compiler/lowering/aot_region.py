@@ -63,24 +63,23 @@ class AOTRegion:
     """A representative compiled WITHOUT Dynamo: AOTAutograd + Inductor (`compile_fx`) straight on the
     captured ATen graph, with fresh symbolic fake inputs (one symbol per export symbol, size-oblivious
     ShapeEnv, hints from the first call). No Dynamo guards exist, so nothing recompiles on a new batch
-    or sequence length; the ShapeEnv's guards (assumptions Inductor/AOTAutograd made) are recorded in
-    split into `self.assumptions` (">= 2" facts from 0/1 reasoning) and `self.relations` (equalities
-    between sizes, checked on every call unless check="off").
+    or sequence length; the ShapeEnv's guards (assumptions Inductor/AOTAutograd made) are split into
+    `self.assumptions` (">= 2" facts from 0/1 reasoning) and `self.relations` (equalities between
+    sizes, checked on every call unless check="off").
     One compile per requires_grad pattern of the call inputs (train vs no_grad)."""
 
-    def __init__(self, gm: fx.GraphModule, name: str, force_grad: list[bool], check: str = "warn", options=None):
+    def __init__(self, gm: fx.GraphModule, name: str, force_grad: list[bool], check: str = "on", options=None):
         self.gm = gm
         self.name = name
         self.force_grad = force_grad
         self.check = check
         self.options = options or {}
         self.phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
-        self.compiled = {}  # requires_grad pattern -> (callable, guard fn, assumptions)
+        self.compiled = {}  # requires_grad pattern -> [callable, ShapeEnv, symbol sources, guards seen, check]
         self.assumptions = []  # ">= 2" facts the compile used (sizes 1 are still served: tests/test_regional.py)
         self.relations = []  # relations between sizes, checked on every call
         self.calls = 0
         self.compile_s = 0.0
-        self._warned = False
 
     def _fake_inputs(self, args):
         import sympy  # noqa: F401
