@@ -51,7 +51,7 @@ from .quant import check_method as check_quantized_method
 from .quant import describe as describe_quantized
 from .quant import known_layers, operand_key
 from .quant.weight import frozen_weight
-from .report import build_report
+from .report import build_report, region_lines
 from .spec import resolve_targets
 from .table import AdapterParams, AdapterState, AdapterTable
 from .targeting import default_targets
@@ -675,7 +675,9 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         graph = self.latest_graph() if self._graphs and self.state.specs else None
         workarounds = [w for es in self._graphs.values() for e in es for gm in e.graphs.values()
                        for w in gm.meta.get("ac_workarounds", ())]
-        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds)
+        regions = [line for es in self._graphs.values() for e in es for gm in e.graphs.values()
+                   for line in region_lines(gm.meta.get("ac_regions"))]
+        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions)
         if print_table:
             rep.print()
         return rep

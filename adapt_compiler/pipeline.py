@@ -109,7 +109,7 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     budget = None if table.recompute.by_blocks else table.recompute.memory_budget
     if how == "eager":
         return lowering.lower(gm, how, memory_budget=budget)
-    compiled_graph = for_inductor(gm) if how == "inductor" else gm  # known Inductor bugs, worked around
+    compiled_graph = for_inductor(gm) if how in ("inductor", "regional") else gm  # known Inductor bugs, worked around
     if not verify:
         return lowering.lower(compiled_graph, how, memory_budget=budget)
     # the compiled graph draws the same random numbers as the eager one (aten's generator), so

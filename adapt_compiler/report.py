@@ -70,6 +70,7 @@ class Report:
     kernel: str = ""
     checks: list = field(default_factory=list)  # (graph, lowering.guard.Verdict or None) per compiled graph
     workarounds: list = field(default_factory=list)  # compiler bugs worked around in the graphs (lowering/workarounds.py)
+    regions: list = field(default_factory=list)  # lowering="regional": groups of identical blocks (lowering/regional.py)
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)
@@ -114,6 +115,7 @@ class Report:
         )
         lines += [f"compiled graph {what}: {_check_text(v)}" for what, v in self.checks]
         lines += [f"workaround: {w}" for w in self.workarounds]
+        lines += [f"regional: {r}" for r in self.regions]
         return "\n".join(lines)
 
     # -- rich -------------------------------------------------------------------------------------
@@ -234,11 +236,22 @@ def _crossover(r: LayerRow) -> str:
 
 
 # -- building ---------------------------------------------------------------------------------
-def build_report(table, lowering: str, graph=None, checks=(), workarounds=()) -> Report:
+def region_lines(meta: dict | None) -> list[str]:
+    """report() lines for one graph's `gm.meta["ac_regions"]` (lowering/regional.py)."""
+    if not meta:
+        return []
+    if meta.get("whole"):
+        return [f"compiled whole: {meta['whole']}"]
+    return [f"group {k} compiled once for {len(paths)} block(s): {', '.join(paths)}"
+            for k, paths in sorted(meta.get("groups", {}).items())]
+
+
+def build_report(table, lowering: str, graph=None, checks=(), workarounds=(), regions=()) -> Report:
     """The report of one AdaptedModule's table; orders and FLOPs from the plan on `graph` (None:
     nothing captured yet); `checks`: (graph description, guard verdict) of each compiled graph."""
     rep = Report(lowering=lowering, counters=dict(COUNTERS), active=tuple(table.active),
-                 model_name=type(table.model).__name__, checks=list(checks), workarounds=sorted(set(workarounds)))
+                 model_name=type(table.model).__name__, checks=list(checks), workarounds=sorted(set(workarounds)),
+                 regions=list(dict.fromkeys(regions)))
     decisions = decisions_of(graph) if graph is not None else {}
     for slot in table.slots.values():
         for name, method in slot.methods.items():

@@ -7,11 +7,13 @@
     mixed.py      one adapter per sample (`adapter_names=`)
     recompute.py  activation checkpointing of repeated blocks (training graphs)
     merge.py      fold adapters into the weights
+    regional.py   lowering="regional": each distinct repeated block compiled once (aot_region.py)
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references
 
 `lower(gm, how)` is the last step of the pipeline (pipeline.py): the whole adapted graph is
-compiled with Inductor (C++ on CPU, Triton on CUDA), or run as is with lowering="eager".
+compiled with Inductor (C++ on CPU, Triton on CUDA), compiled one distinct repeated block at a time
+with lowering="regional", or run as is with lowering="eager".
 """
 
 from __future__ import annotations
@@ -21,19 +23,23 @@ from torch import fx
 
 from . import kernels
 
-LOWERINGS = ("inductor", "eager")
+LOWERINGS = ("inductor", "regional", "eager")
 
 
 def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: float | None = None):
-    """`how`: "inductor", "eager", or any torch.compile backend (a callable). `options`: Inductor
+    """`how`: "inductor", "regional", "eager", or any torch.compile backend (a callable). `options`: Inductor
     config for this graph only. `memory_budget` (Inductor): AOTAutograd's activation memory budget
     for this graph, the fraction of activation memory its partitioner may keep (it recomputes the
     cheapest rest in the backward)."""
     if how == "eager":
         return gm
     if how == "inductor":
-        compiled = torch.compile(gm, dynamic=None, options=options or None)
+        compiled = _whole(gm, options)
         return compiled if memory_budget is None else _with_memory_budget(compiled, memory_budget)
+    if how == "regional":
+        from .regional import lower_regional
+
+        return lower_regional(gm, options, _whole)
     if callable(how):
         return torch.compile(gm, backend=how, dynamic=None)
     raise ValueError(f"lowering={how!r} is not one of {LOWERINGS} or a torch.compile backend")
@@ -50,6 +56,10 @@ def _with_memory_budget(compiled, budget: float):
 
     run.compiled = compiled
     return run
+
+
+def _whole(gm: fx.GraphModule, options: dict | None):
+    return torch.compile(gm, dynamic=None, options=options or None)
 
 
 def lowering_name(how) -> str:
