@@ -31,7 +31,7 @@ from torch import fx, nn
 from ..errors import AdapterShapeError
 from ..quant import describe as describe_quantized
 from ..quant import kind_of as quantized_kind
-from ..quant import op_kinds
+from ..quant import OPERAND_SEP, op_kinds
 from ..spec import resolve_targets
 from .method import CONV_KINDS, Layer
 
@@ -484,6 +484,8 @@ def find_layer_matches(
     found: dict[str, list[LayerMatch]] = {}
     for m in layer_matches(gm, weight_path):
         path = weight_path(m.weight)
+        if m.weight_args is not None:  # a quantized op's first operand: `<fqn>.weight` or `<fqn>.weight__<operand>`
+            path = path.split(OPERAND_SEP)[0]
         owner = module_fqn(m.op)
         hits = [t for t, w in weights.items() if same(path, w) and _owner(t, owner)]
         if not hits:
