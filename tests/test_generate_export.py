@@ -162,3 +162,27 @@ def test_runner_command_line_prints_tokens_and_speed(adapted, package):
     ref = _reference(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0, len(prompt):].tolist()
     assert f"tokens: {ref}" in proc.stdout, proc.stdout
     assert "tokens/s" in proc.stdout
+
+
+# -- the `adapt-compiler generate` command ----------------------------------------------------------
+def test_cli_generate_prints_peft_tokens_and_speed(tmp_path, capsys):
+    from adapt_compiler import cli
+
+    base = tiny_llama()  # what --model python:models:tiny_llama builds
+    pm = peft_twin(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN))
+    randomize_(pm, ("lora_",), seed=5, scale=0.4)
+    pm.save_pretrained(tmp_path / "adapter")
+    prompt = [98, 17, 127, 121, 16, 66]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **STATIC)[0, len(prompt):].tolist()
+    argv = ["generate", "--model", "python:models:tiny_llama", "--adapter", str(tmp_path / "adapter"),
+            "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW), "--lowering", "eager"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"tokens: {ref}" in out, out
+    assert "tokens/s" in out
+    assert cli.main([*argv[:-4], "--prompt-ids", "5,x"]) == 2
+    assert "--prompt-ids" in capsys.readouterr().err
+    assert cli.main([*argv[:-4], "--prompt-ids", "5,999", "--lowering", "eager"]) == 2
+    assert "[999]" in capsys.readouterr().err
