@@ -102,3 +102,36 @@ def test_readme_quick_start(tmp_path, monkeypatch, capsys):
     assert argv[0] == "adapt-compiler"
     assert cli.main(argv[1:] + ["--quiet"]) == 0
     assert "model.layers.1.self_attn.v_proj" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~80 s on 2 shared cores: quick start + generate (dynamic, static, mixed) + export + CLI
+def test_readme_generate_and_serve(tmp_path, monkeypatch, capsys):
+    """The "Generate and serve" section runs after the quick start (its Python block, and the CLI line)."""
+    import re
+    import shlex
+
+    import torch
+
+    from adapt_compiler import cli
+
+    text = (EXAMPLES.parent / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Generate and serve", 1)[1].split("\n## ", 1)[0]
+    setup = re.findall(r"```python\n(.*?)```", quick, re.S)[0].replace("ac.compile(model, spec)",
+                                                                       'ac.compile(model, spec, lowering="eager")')
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    shell = re.findall(r"```bash\n(.*?)```", section, re.S)[0].strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(setup, "README quick start", "exec"), scope)  # noqa: S102 - our own docs
+    exec(compile(code, "README generate", "exec"), scope)  # noqa: S102
+    m, prompt = scope["m"], scope["prompt"]
+    assert scope["out"].shape == (2, 8 + 16) and scope["mixed"].shape == (2, 8 + 16)
+    with torch.no_grad():
+        base_row = m.generate(input_ids=prompt[1:], max_new_tokens=16, do_sample=False, adapter_names=["__base__"])
+    assert torch.equal(scope["mixed"][1], base_row[0])
+    assert type(scope["progs"]).__name__ == "GenerationPrograms"
+    argv = shlex.split(shell[0])
+    assert argv[:2] == ["adapt-compiler", "generate"]
+    assert cli.main(argv[1:] + ["--lowering", "eager"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
