@@ -3,6 +3,8 @@
 from . import export as _export_module  # noqa: F401 - loaded first so `ac.export` stays the function
 from .api import backend, compile, export, export_onnx, package
 from .errors import AdapterError, AdapterShapeError
+from .export import adapter_constants
+from .generation_export import GenerationPrograms
 from .module import AdaptedModule
 from .passes import METHODS
 from .passes.lora import LoRA
@@ -14,7 +16,9 @@ __all__ = [
     "AdapterError",
     "AdapterShapeError",
     "AdapterSpec",
+    "GenerationPrograms",
     "LoRA",
+    "adapter_constants",
     "backend",
     "compile",
     "export",

@@ -8,9 +8,10 @@ from torch import nn
 
 from . import formats
 from .checkpoint import load_adapter_state_dict, warn_if_quantization_differs
-from .errors import AdapterError
+from .errors import AdapterError, ExportError
 from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
+from .generation_export import GenerationPrograms, export_generation, package_generation
 from .lowering import LOWERINGS
 from .lowering.backend import make_backend
 from .integrations.adapted_class import adapted_class
@@ -117,11 +118,23 @@ def _split_inputs(example_inputs):
     return (example_inputs,), {}
 
 
-def export(m: AdaptedModule, args=(), kwargs=None, merge: bool = True, dynamic: bool = True):
-    return export_program(m, args, kwargs, merge=merge, dynamic=dynamic)
+def export(m: AdaptedModule, args=(), kwargs=None, merge: bool | None = None, dynamic: bool = True,
+           generate: bool = False, max_cache_len: int | None = None):
+    """torch.export of the adapted module (merge=True by default). `generate=True`: the prefill and decode
+    programs of static-cache generation instead (GenerationPrograms; unmerged by default, so adapters
+    swap with load_constants), from an example prompt batch in kwargs (generation_export.py)."""
+    if generate:
+        return export_generation(m, args, kwargs, merge=bool(merge), max_cache_len=max_cache_len)
+    if max_cache_len is not None:
+        raise ExportError("export(): max_cache_len= only applies with generate=True (the generation programs' static "
+                          "cache); pass generate=True or drop max_cache_len.")
+    return export_program(m, args, kwargs, merge=True if merge is None else merge, dynamic=dynamic)
 
 
 def package(ep, path, force: bool = False):
+    """An AOTInductor .pt2 of an exported program, or of both generation programs (one file)."""
+    if isinstance(ep, GenerationPrograms):
+        return package_generation(ep, path, force=force)
     return package_program(ep, path, force=force)
 
 

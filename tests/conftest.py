@@ -14,3 +14,7 @@ warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: compiles AOTInductor packages or Inductor graphs (minutes on 2 CPU cores)")

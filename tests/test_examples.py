@@ -19,7 +19,8 @@ def _load(name: str):
 
 def test_every_example_has_a_smoke_test():
     scripts = {p.stem for p in EXAMPLES.glob("*.py")}
-    covered = {"bert_classifier_lora", "causal_lm_named_adapters", "conv_lokr_loha", "peft_adapter_merge_deploy"}
+    covered = {"bert_classifier_lora", "causal_lm_named_adapters", "conv_lokr_loha", "peft_adapter_merge_deploy",
+               "generate_runner"}
     assert scripts == covered, f"add a smoke test for {sorted(scripts - covered)}"
     for name in scripts:
         assert "def main(" in (EXAMPLES / f"{name}.py").read_text()
@@ -57,6 +58,26 @@ def test_peft_adapter_merge_deploy_export_only():
     out = example.main(steps=1, quiet=True, lowering="eager", package=False)
     assert out["vs_peft"] < 1e-4 and out["merged_module"] < 1e-4 and out["exported"] < 1e-4
     assert "package" not in out
+
+
+def test_generate_runner_loop():
+    """The runner's greedy loop over the exported programs (eager here) gives m.generate's tokens; the AOTInductor
+    package itself, run in a fresh process, is tests/test_generate_export.py (slow)."""
+    import torch
+
+    import adapt_compiler as ac
+    from models import tiny_llama
+
+    runner = _load("generate_runner")
+    m = ac.compile(tiny_llama(layers=1), ac.LoRA(r=2, targets=["q_proj", "v_proj"]), lowering="eager").eval()
+    ids = torch.tensor([[5, 7, 9, 11], [3, 4, 6, 8]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    progs = ac.export(m, kwargs={"input_ids": ids, "attention_mask": mask}, generate=True, max_cache_len=16)
+    ours = runner.generate(progs.prefill.module(), progs.decode.module(), progs.metadata, ids, mask, max_new_tokens=4)
+    with torch.no_grad():
+        ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=True,
+                         cache_implementation="static", pad_token_id=0)
+    assert torch.equal(ours, ref)
 
 
 def test_readme_quick_start(tmp_path, monkeypatch, capsys):
@@ -103,3 +124,36 @@ def test_readme_training_section(tmp_path, monkeypatch):
         exec(compile(code, f"README training block {i}", "exec"), scope)  # noqa: S102 - our own docs
     assert (tmp_path / "out" / "adapter_config.json").is_file() and (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert scope["again"].adapter_parameters() and scope["sft"].state.global_step == 3
+
+
+@pytest.mark.slow  # ~80 s on 2 shared cores: quick start + generate (dynamic, static, mixed) + export + CLI
+def test_readme_generate_and_serve(tmp_path, monkeypatch, capsys):
+    """The "Generate and serve" section runs after the quick start (its Python block, and the CLI line)."""
+    import re
+    import shlex
+
+    import torch
+
+    from adapt_compiler import cli
+
+    text = (EXAMPLES.parent / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Generate and serve", 1)[1].split("\n## ", 1)[0]
+    setup = re.findall(r"```python\n(.*?)```", quick, re.S)[0].replace("ac.compile(model, spec)",
+                                                                       'ac.compile(model, spec, lowering="eager")')
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    shell = re.findall(r"```bash\n(.*?)```", section, re.S)[0].strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(setup, "README quick start", "exec"), scope)  # noqa: S102 - our own docs
+    exec(compile(code, "README generate", "exec"), scope)  # noqa: S102
+    m, prompt = scope["m"], scope["prompt"]
+    assert scope["out"].shape == (2, 8 + 16) and scope["mixed"].shape == (2, 8 + 16)
+    with torch.no_grad():
+        base_row = m.generate(input_ids=prompt[1:], max_new_tokens=16, do_sample=False, adapter_names=["__base__"])
+    assert torch.equal(scope["mixed"][1], base_row[0])
+    assert type(scope["progs"]).__name__ == "GenerationPrograms"
+    argv = shlex.split(shell[0])
+    assert argv[:2] == ["adapt-compiler", "generate"]
+    assert cli.main(argv[1:] + ["--lowering", "eager"]) == 0
+    assert "tokens/s" in capsys.readouterr().out

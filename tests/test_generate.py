@@ -244,3 +244,24 @@ def test_prompt_longer_than_a_static_cache_is_refused_with_the_limit(two_adapter
     with pytest.raises(AdapterError, match="6 prompt tokens \\+ 5 new tokens exceed the static cache's max_cache_len=8"):
         m.generate(**batch, max_new_tokens=5, cache=StaticCache(config=config, max_cache_len=8))
     assert _state(m) == before
+
+
+def test_plain_calls_of_a_use_cache_model_train_and_return_the_cache():
+    """A model built with use_cache=True (the HF default) creates a DynamicCache in its forward: a plain
+    training call captures, returns that cache, and its loss and gradients equal PEFT's."""
+    from oracle import compare_grads
+
+    base = tiny_llama(layers=1)
+    base.config.use_cache = True
+    pm = peft_twin(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTN))
+    randomize_(pm, ("lora_",), seed=3, scale=0.4)
+    m = ours_from_peft(base, pm, ac.LoRA(r=4, alpha=8, targets=ATTN)).train()
+    pm.train()
+    batch = prompts(padded=False)
+    ours, theirs = m(**batch, labels=batch["input_ids"]), pm(**batch, labels=batch["input_ids"])
+    assert isinstance(ours.past_key_values, DynamicCache)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    torch.testing.assert_close(ours.past_key_values.layers[0].values, theirs.past_key_values.layers[0].values)
+    ours.loss.backward()
+    theirs.loss.backward()
+    compare_grads(m, pm)

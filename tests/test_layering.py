@@ -14,7 +14,7 @@ it does not remove it). Layers, lowest first; a module may import its own layer 
     pipeline    pipeline, report, graph_view, targeting
     integrations integrations.*       (ecosystem glue: what HF clients read from a model)
     module      module
-    front       export, api
+    front       export, generation_export, api
     entry       the package itself, cli, commands.*
 """
 
@@ -46,7 +46,7 @@ LAYERS = [
     ("pipeline", ("pipeline", "report", "graph_view", "targeting")),
     ("integrations", ("integrations",)),
     ("module", ("module",)),
-    ("front", ("export", "api")),
+    ("front", ("export", "generation_export", "api")),
     ("entry", ("", "cli", "commands")),
 ]
 

@@ -81,10 +81,12 @@ def register_cache_pytrees() -> None:
 
 
 def _finds(args: tuple, kwargs: dict) -> bool:
-    if cache_of(kwargs) is None:
-        return False
-    register_cache_pytrees()  # before capture flattens the call
-    return True
+    base = cache_base()
+    if base is not None and base not in pytree.SUPPORTED_NODES:
+        # before capture flattens the call: also a call without a cache may return one (a model built with
+        # use_cache=True creates a DynamicCache in its forward), which export can only output as a pytree
+        register_cache_pytrees()
+    return cache_of(kwargs) is not None
 
 
 def query_length(kwargs: dict) -> int | None:

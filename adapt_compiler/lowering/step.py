@@ -113,6 +113,10 @@ class FlatStep:
                 return ("input", path)
         return ("node", spec.type, spec.context, [self._plan(child, pos) for child in spec.children()])
 
+    def flatten(self, args, kwargs) -> list:
+        """The call's flat leaves, in the order the compiled graph takes them."""
+        return fx_pytree.tree_flatten_spec(((), dict(self.signature.bind(*args, **kwargs).arguments)), self.in_spec)
+
     def __call__(self, *args, **kwargs):
         named = dict(self.signature.bind(*args, **kwargs).arguments)
         leaves = fx_pytree.tree_flatten_spec(((), named), self.in_spec)
