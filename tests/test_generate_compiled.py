@@ -41,7 +41,7 @@ def compiled(tmp_path_factory):
 def _entries(m, phase):
     """The graph entries of one generation phase ("prefill" / "decode"), from the structure keys."""
     return [e for key, es in m._graphs.items() for e in es if ("kv_cache", ("StaticCache", "static", phase)) in
-            (key[1][2] if len(key[1]) == 3 else ())]
+            (key[-1][2] if len(key[-1]) == 3 else ())]  # key: (root, training, signature)
 
 
 def _compiled_code_entries(entry) -> int:
