@@ -249,8 +249,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, training: bool, tensors
 
 
 def _rooted_at(unlifted: fx.GraphModule, root: str) -> fx.GraphModule:
-    """A submodule's graph with every get_attr target prefixed by the submodule's path, so that
-    the pipeline finds the frozen tensors and adapter slots by their FQN in the whole model."""
+    """A submodule's graph with every get_attr target and nn_module_stack path prefixed by the
+    submodule's path, so that the pipeline finds the frozen tensors, adapter slots and modules by
+    their FQN in the whole model."""
     if not root:
         return unlifted
     holder = nn.Module()
@@ -264,6 +265,10 @@ def _rooted_at(unlifted: fx.GraphModule, root: str) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             node.target = f"{root}.{node.target}"
+        stack = node.meta.get("nn_module_stack")
+        if stack:  # which module made each op, by its FQN in the whole model (the matcher reads it)
+            node.meta["nn_module_stack"] = {k: (f"{root}.{path}" if path else root, *rest)
+                                            for k, (path, *rest) in stack.items()}
     return fx.GraphModule(holder, graph)  # the same Graph object: its pytree calling convention stays
 
 

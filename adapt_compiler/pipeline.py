@@ -88,7 +88,7 @@ def build(captured: Captured, table: AdapterTable, variant: str, expects=None) -
             _debug_print(gm, "plan_layers", variant)
         if variant == "adapted" and batch_parameter_transforms(gm, table.specs, table.state, training):  # 6
             _debug_print(gm, "batch_parameter_transforms", variant)
-    if training and checkpoint_blocks(gm, table.model, table.recompute, captured.root):  # 7
+    if training and checkpoint_blocks(gm, table.model, table.recompute):  # 7
         _debug_print(gm, "checkpoint_blocks", variant)
     gm.graph.lint()  # 8
     gm = fx.GraphModule(gm, gm.graph)  # keeps only what the final graph references

@@ -163,8 +163,7 @@ def test_every_inherited_peft_member_is_ours_or_refused(pair):
         ours = inspect.getattr_static(cls, name)
         owner = next(c for c in cls.__mro__ if name in vars(c))
         assert owner not in peft.PeftModel.__mro__, f"{name} resolves to {owner.__name__}'s"
-    with pytest.raises(ac.AdapterError, match="merged_module"):
-        m.generate(token_batch()["input_ids"])
+    assert inspect.getattr_static(cls, "generate").__qualname__.startswith("GenerationSupport.")  # ours, not a stub
     with pytest.raises(ac.AdapterError, match="ac.compile"):
         cls.from_pretrained(tiny_llama(), "somewhere")
     with pytest.raises(ac.AdapterError, match="report"):

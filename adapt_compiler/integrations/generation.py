@@ -49,7 +49,7 @@ SUPPORTED_IMPLEMENTATIONS = (None, "dynamic", "static")
 
 
 class GenerationSupport:
-    """Mixin for AdaptedModule: `generate()` and `can_generate()` (expects `self.table`, `self._run`)."""
+    """Mixin for AdaptedModule: `generate()` and `can_generate()` (expects `self.table`, `self._forward_at`)."""
 
     def can_generate(self) -> bool:
         model = self.table.model

@@ -21,9 +21,9 @@ PEFT spellings here are aliases of it:
     unload()                               (your model, which was never changed)
 
 Every other PeftModel member is blocked (`blocked_members`): it would reach PEFT's `base_model`
-tuner, which does not exist here, or run the un-adapted model (`generate` delegates to the HF
-model's). A blocked method raises an AdapterError naming what to use instead; a blocked property
-raises AdapterAttributeError, so `hasattr()` sees it as missing.
+tuner, which does not exist here, or run the un-adapted model. A blocked method raises an
+AdapterError naming what to use instead; a blocked property raises AdapterAttributeError, so
+`hasattr()` sees it as missing. `generate` is ours (integrations/generation.py).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from .trainer import check_driving_trainer
 
 # what to use instead of a blocked PeftModel member
 INSTEAD = {
-    "generate": "generation on an AdaptedModule is not available yet; generate with m.merged_module() "
-                "(a plain model with the adapters merged) meanwhile",
     "from_pretrained": "ac.compile(model, 'adapter_dir') loads a PEFT adapter directory",
     "get_layer_status": "m.report() (what matched where, per layer)",
     "get_model_status": "m.report()",
