@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 SLOTS = "ac_slots"  # the adapted layers' AdapterSlots: `ac_slots.<slot_key(fqn)>`
 SAVED = "ac_saved"  # modules_to_save copies: `ac_saved.<slot_key(fqn)>`
 GRAPH_PREFIX = "ac_graph_"  # a graph-level method's modules: `ac_graph_<adapter>.<path>`
@@ -34,3 +36,24 @@ def saved_target(fqn: str) -> str:
 
 def graph_target(adapter: str, path: str = "") -> str:
     return f"{GRAPH_PREFIX}{adapter}" + (f".{path}" if path else "")
+
+
+def attach(root, path: str, value) -> None:
+    """Put `value` at dotted `path` under nn.Module `root`, creating empty parent modules: a
+    Parameter as a parameter, a Module as a submodule, a tensor as a non-persistent buffer (the
+    tensors an FX graph's get_attr nodes read), anything else as a plain attribute."""
+    *parents, leaf = path.split(".")
+    obj = root
+    for part in parents:
+        if not hasattr(obj, part):
+            obj.add_module(part, nn.Module())
+        obj = getattr(obj, part)
+    if isinstance(value, nn.Parameter):
+        obj.register_parameter(leaf, value)
+    elif isinstance(value, nn.Module):
+        obj.add_module(leaf, value)
+    elif hasattr(value, "shape"):
+        obj.register_buffer(leaf, value, persistent=False)
+    else:
+        setattr(obj, leaf, value)
+

@@ -37,7 +37,7 @@ import os
 from torch import fx, nn
 
 from .capture import Captured, capture
-from .names import POOL, SAVED, SLOTS, graph_target
+from .names import POOL, SAVED, SLOTS, attach, graph_target
 from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_saved_modules
 from . import lowering
 from .lowering.batching import batch_parameter_transforms
@@ -143,9 +143,9 @@ def _rooted_copy(captured: Captured, table: AdapterTable) -> fx.GraphModule:
             t = table.frozen.get(node.target)
             if t is None:  # a constant export lifted (not a model tensor)
                 t = _get_path(source, node.target)
-            _set_path(root, node.target, t)
+            attach(root, node.target, t)
         elif node.op == "call_module":  # export's own helpers (e.g. _guards_fn)
-            _set_path(root, node.target, source.get_submodule(node.target))
+            attach(root, node.target, source.get_submodule(node.target))
     gm = fx.GraphModule(root, copy.deepcopy(source.graph))
     gm.add_submodule(SLOTS, table.slots)
     gm.add_submodule(SAVED, table.saved)
@@ -161,23 +161,6 @@ def _get_path(root: nn.Module, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _set_path(root: nn.Module, path: str, value) -> None:
-    *parents, leaf = path.split(".")
-    obj = root
-    for part in parents:
-        if not hasattr(obj, part):
-            obj.add_module(part, nn.Module())
-        obj = getattr(obj, part)
-    if isinstance(value, nn.Parameter):
-        obj.register_parameter(leaf, value)
-    elif isinstance(value, nn.Module):
-        obj.add_module(leaf, value)
-    elif hasattr(value, "shape"):
-        obj.register_buffer(leaf, value, persistent=False)
-    else:
-        setattr(obj, leaf, value)
 
 
 def _debug_print(gm: fx.GraphModule, step: str, variant: str) -> None:

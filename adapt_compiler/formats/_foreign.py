@@ -287,3 +287,17 @@ def fit_shapes(expected: dict, given: dict, layers: dict, where: str) -> dict:
             out[key] = t.reshape(want.shape)
     check_tensors(expected, out, where, "the model")
     return out
+
+
+def savable_spec(table, name: str, fmt: str, savable: tuple, holds: str, instead: str):
+    """(spec, method) of adapter `name`, refused by name when format `fmt` cannot hold its method
+    (`holds`: what the format's files hold; `instead`: what to save it as) or its modules_to_save."""
+    spec = table.specs[name]
+    method = method_for(spec)
+    if method.name not in savable:
+        raise AdapterError(f"save_adapter(format={fmt!r}): adapter {name!r} is {type(spec).__name__}; {holds}. {instead}")
+    if spec.modules_to_save:
+        raise AdapterError(f"save_adapter(format={fmt!r}): adapter {name!r} has modules_to_save "
+                           f"{spec.modules_to_save}, which {fmt} files cannot hold; save it with format='peft'.")
+    return spec, method
+

@@ -25,7 +25,7 @@ from ..errors import AdapterError, CheckpointError
 from ..names import PEFT_PREFIX
 from ..passes import method_for
 from ..passes.match import describe_layer
-from ._foreign import (Group, ModuleWeights, adaptable_modules, build_spec, choose_group, expected_tensors,
+from ._foreign import (Group, ModuleWeights, adaptable_modules, build_spec, choose_group, expected_tensors, savable_spec,
                        fit_shapes, write_safetensors)
 
 FORMAT = "diffusers"
@@ -158,16 +158,8 @@ SAVABLE = ("lora", "lokr")  # what diffusers' loaders read (LoRA, DoRA included,
 def tensors_of(table, name: str, component: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from ..checkpoint import adapter_state_dict
 
-    spec = table.specs[name]
-    method = method_for(spec)
-    if method.name not in SAVABLE:
-        raise AdapterError(
-            f"save_adapter(format='diffusers'): adapter {name!r} is {type(spec).__name__}; diffusers' loaders read "
-            f"LoRA (with DoRA) and LoKr. Save it with format='kohya' (LoHa) or format='peft'."
-        )
-    if spec.modules_to_save:
-        raise AdapterError(f"save_adapter(format='diffusers'): adapter {name!r} has modules_to_save "
-                           f"{spec.modules_to_save}, which diffusers' LoRA files cannot hold; use format='peft'.")
+    spec, method = savable_spec(table, name, "diffusers", SAVABLE, "diffusers' loaders read LoRA (with DoRA) and LoKr",
+                                "Save it with format='kohya' (LoHa) or format='peft'.")
     if component not in COMPONENTS:
         raise AdapterError(f"save_adapter(format='diffusers'): component={component!r} is not one of {COMPONENTS}.")
     out = {f"{component}.{k[len(PEFT_PREFIX):]}": v for k, v in adapter_state_dict(table, name).items()}

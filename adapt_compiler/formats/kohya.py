@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, CheckpointError
-from ..passes import method_for
-from ._foreign import DENOISERS, Group, ModuleWeights, adaptable_modules, build_spec, choose_group, write_safetensors
+from ._foreign import (DENOISERS, Group, ModuleWeights, adaptable_modules, build_spec, choose_group, savable_spec,
+                       write_safetensors)
 
 FORMAT = "kohya"
 # file prefix -> component (diffusers' pipeline attribute), longest first where one is a prefix of another
@@ -193,16 +193,8 @@ SAVABLE = ("lora", "loha", "lokr")
 
 def tensors_of(table, name: str, component: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya-keyed tensors and metadata of adapter `name` (refusing what the format cannot hold)."""
-    spec = table.specs[name]
-    method = method_for(spec)
-    if method.name not in SAVABLE:
-        raise AdapterError(
-            f"save_adapter(format='kohya'): adapter {name!r} is {type(spec).__name__}; kohya/LyCORIS files hold "
-            f"LoRA, LoHa and LoKr. Save it as a PEFT directory (format='peft')."
-        )
-    if spec.modules_to_save:
-        raise AdapterError(f"save_adapter(format='kohya'): adapter {name!r} has modules_to_save "
-                           f"{spec.modules_to_save}, which kohya files cannot hold; save it with format='peft'.")
+    spec, method = savable_spec(table, name, "kohya", SAVABLE, "kohya/LyCORIS files hold LoRA, LoHa and LoKr",
+                                "Save it as a PEFT directory (format='peft').")
     if component not in WRITE_PREFIX:
         raise AdapterError(f"save_adapter(format='kohya'): component={component!r} has no kohya prefix; use one of "
                            f"{sorted(WRITE_PREFIX)}.")

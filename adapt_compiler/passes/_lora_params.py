@@ -116,14 +116,7 @@ def init_params(spec, layer: Layer, weight: torch.Tensor, r: int) -> dict[str, t
     e, d_in, d_out = experts(layer)
     a = torch.empty(r * e, d_in, dtype=weight.dtype)
     b = torch.empty(d_out, r * e, dtype=weight.dtype)
-    if spec.init == "gaussian":
-        nn.init.normal_(a, std=1 / r)
-    else:
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    if spec.init is False:
-        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-    else:
-        nn.init.zeros_(b)
+    init_factors_(spec, a, b, r)
     return {"lora_A": a, "lora_B": b}
 
 
@@ -148,3 +141,17 @@ def peft_key(param_name: str, layer: Layer) -> str:
     if layer.token_indices:
         return param_name  # trainable_tokens_delta, under `<embedding>.token_adapter`
     return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}[param_name]
+
+
+def init_factors_(spec, a: torch.Tensor, b: torch.Tensor, r: int) -> None:
+    """PEFT's plain LoRA init, in place: A kaiming-uniform (normal(0, 1/r) with init="gaussian"),
+    B zero (kaiming-uniform too with init=False, so the adapter starts non-zero)."""
+    if spec.init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if spec.init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
+

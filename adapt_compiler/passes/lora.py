@@ -280,14 +280,7 @@ class LoRAMethod(WeightMethod):
             else:
                 a = torch.empty(r, layer.in_features, dtype=dt)
                 b = torch.empty(layer.out_features, r, dtype=dt)
-            if spec.init == "gaussian":
-                nn.init.normal_(a, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if spec.init is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+            _lora_params.init_factors_(spec, a, b, r)
             if spec.init == "loftq":  # W − dequantize(W4) ≈ B·A (over a 4-bit base)
                 a, b = (t.to(dt) for t in loftq_weights(spec, layer, weight, r))
             side = _lora_variants.bd_side(spec, layer)

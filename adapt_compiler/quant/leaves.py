@@ -19,6 +19,7 @@ import contextlib
 
 from torch import fx, nn
 
+from ..names import attach
 from .kinds import KINDS, QuantInfo, operand_key
 
 _MISSING = object()
@@ -67,7 +68,7 @@ def name_operands(gm: fx.GraphModule, infos: dict[str, QuantInfo], operands: dic
             target = operand_key(fqn, name)
             if old.op == "get_attr" and old.target == target:
                 continue
-            _attach(gm, target, operands[fqn][name])
+            attach(gm, target, operands[fqn][name])
             with gm.graph.inserting_before(node):
                 new = gm.graph.get_attr(target)
             new.meta.update({k: v for k, v in old.meta.items() if k == "val"})
@@ -86,14 +87,3 @@ def _fqn(node: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def _attach(gm: nn.Module, path: str, tensor) -> None:
-    *parents, leaf = path.split(".")
-    obj = gm
-    for part in parents:
-        if not hasattr(obj, part):
-            obj.add_module(part, nn.Module())
-        obj = getattr(obj, part)
-    if isinstance(tensor, nn.Parameter):
-        obj.register_parameter(leaf, tensor)
-    else:
-        obj.register_buffer(leaf, tensor, persistent=False)
