@@ -1,0 +1,164 @@
+"""Peak memory against step time: ac.compile(memory_budget=...) and gradient checkpointing, next to PEFT.
+
+    python -m benchmarks.memory_budget                  # the issue's size: hidden 256, 8 layers, batch 8 x 512
+    python -m benchmarks.memory_budget --small          # a quick check of the script (hidden 64, 2 layers, 2 x 64)
+    python -m benchmarks.memory_budget --points ours,peft_ckpt --steps 5
+
+Every point runs in a fresh process (`--point NAME` runs one and prints a JSON line), because peak
+RSS is a per-process high-water mark. A point builds the model, warms up (capture, compile and the
+correctness guard's first call happen here), then resets the kernel's high-water mark
+(/proc/self/clear_refs: 5) and times `--steps` training steps (forward + backward + AdamW on the
+adapters). Reported per point:
+
+  step_peak_mb   the process's peak RSS over the timed steps (model, optimizer state, activations,
+                 allocator caches): the memory a training step needs
+  rss_before_mb  RSS right before the timed steps (what the process holds between steps)
+  lifetime_peak_mb  ru_maxrss of the whole process (includes capture/compile transients)
+  step_ms        median step time
+
+Points: PEFT eager without and with HF gradient checkpointing (use_reentrant=False); ours
+(Inductor, the default lowering) without checkpointing, with m.gradient_checkpointing_enable(), and at
+four memory budgets (AOTAutograd's activation_memory_budget); ours in eager lowering with and
+without checkpointing. LoRA r=16 on q/k/v/o, Llama from config, vocab 2000, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+BUDGETS = (0.8, 0.5, 0.2, 0.05)
+POINTS = ["peft", "peft_ckpt", "ours", "ours_ckpt", *[f"ours_budget_{b}" for b in BUDGETS], "eager", "eager_ckpt"]
+
+
+def model_and_batch(small: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, batch, seq = (64, 2, 2, 64) if small else (256, 8, 8, 512)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=2000,
+                      max_position_embeddings=max(seq, 128), use_cache=False)
+    model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2000, (batch, seq), generator=g)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def build(point: str, model):
+    """(module to train, its trainable parameters)."""
+    if point.startswith("peft"):
+        import peft
+
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=ATTN)).train()
+        if point == "peft_ckpt":
+            pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return pm, [p for p in pm.parameters() if p.requires_grad]
+    import adapt_compiler as ac
+
+    lowering = "eager" if point.startswith("eager") else "inductor"
+    budget = float(point.rsplit("_", 1)[1]) if "budget" in point else None
+    m = ac.compile(model, ac.LoRA(r=16, alpha=32, targets=ATTN), lowering=lowering, memory_budget=budget).train()
+    if point.endswith("_ckpt"):
+        m.gradient_checkpointing_enable()
+    return m, m.adapter_parameters()
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_point(point: str, steps: int, warmup: int, small: bool) -> dict:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    model, batch = model_and_batch(small)
+    module, params = build(point, model)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = module(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm_s = time.perf_counter() - t0
+    before = _rss_mb("VmRSS")
+    reset = _reset_peak()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {
+        "point": point, "step_peak_mb": round(_rss_mb("VmHWM"), 1) if reset else None,
+        "rss_before_mb": round(before, 1),
+        "lifetime_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "step_ms": round(1000 * statistics.median(times), 1), "warmup_s": round(warm_s, 1),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--point", help="run one point in this process and print its JSON line")
+    parser.add_argument("--points", default=",".join(POINTS))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.point:
+        print(json.dumps(run_point(args.point, args.steps, args.warmup, args.small)))
+        return 0
+    rows = []
+    for point in args.points.split(","):
+        cmd = [sys.executable, "-m", "benchmarks.memory_budget", "--point", point, "--steps", str(args.steps),
+               "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")), None)
+        if done.returncode or line is None:
+            rows.append({"point": point, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]})
+        else:
+            rows.append(json.loads(line))
+        print(json.dumps(rows[-1]), flush=True)
+    ref = next((r for r in rows if r["point"] == "peft_ckpt" and r.get("step_peak_mb")), None)
+    print(f"\n| point | step peak RSS (MB) | vs PEFT+ckpt | RSS between steps (MB) | step (ms) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['point']} | error: {r['error']} | | | |")
+            continue
+        ratio = f"{r['step_peak_mb'] / ref['step_peak_mb']:.3f}x" if ref and r.get("step_peak_mb") else "-"
+        print(f"| {r['point']} | {r['step_peak_mb']} | {ratio} | {r['rss_before_mb']} | {r['step_ms']} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
