@@ -100,3 +100,17 @@ class AccessLog:
     def __exit__(self, *exc):
         self.m.__class__, self.view.__class__ = self.classes
         return False
+
+
+def lora_pair(targets=("q_proj", "v_proj")):
+    """(base, PEFT twin with non-trivial LoRA weights, our module with the same weights) over tiny_lm()."""
+    import peft
+
+    import adapt_compiler as ac
+    from oracle import ours_from_peft, peft_twin, randomize_
+
+    base = tiny_lm()
+    pm = peft_twin(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    randomize_(pm, ("lora_",))
+    return base, pm, ours_from_peft(base, pm, ac.LoRA(r=4, alpha=8, targets=list(targets)))
+

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import adapt_compiler as ac
-from hf_data import AccessLog, lm_dataset, tiny_lm, tokenizer
-from oracle import assert_close, ours_from_peft, peft_twin, randomize_
+from hf_data import AccessLog, lora_pair, lm_dataset, tiny_lm, tokenizer
+from oracle import assert_close, randomize_
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -25,10 +25,7 @@ SPEC = ac.LoRA(r=4, alpha=8, targets=TARGETS)
 
 
 def _pair():
-    base = tiny_lm()
-    pm = peft_twin(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    randomize_(pm, ("lora_",))
-    return base, pm, ours_from_peft(base, pm, SPEC)
+    return lora_pair(TARGETS)
 
 
 def _args(out: Path, **kw):

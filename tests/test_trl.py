@@ -15,8 +15,7 @@ import torch
 
 import adapt_compiler as ac
 from adapt_compiler.lowering.recompute import recomputed_blocks
-from hf_data import AccessLog, text_dataset, texts, tiny_lm, tokenizer
-from oracle import ours_from_peft, peft_twin, randomize_
+from hf_data import AccessLog, lora_pair, text_dataset, texts, tiny_lm, tokenizer
 
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
@@ -25,10 +24,7 @@ SPEC = ac.LoRA(r=4, alpha=8, targets=TARGETS)
 
 
 def _pair():
-    base = tiny_lm()
-    pm = peft_twin(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    randomize_(pm, ("lora_",))
-    return base, pm, ours_from_peft(base, pm, SPEC)
+    return lora_pair(TARGETS)
 
 
 def _common(out, **kw):
