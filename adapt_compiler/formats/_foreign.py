@@ -42,6 +42,19 @@ class ModuleWeights:
     alpha: float | None = None  # None: the file has none (scale 1, the kohya / diffusers convention)
     fqn: str | None = None  # the model's module path, once resolved
 
+    def add(self, method: str | None, pname: str, t: torch.Tensor, what: str) -> None:
+        """Record one tensor of the file (`method`: what its suffix says, None for alpha/scale;
+        `what`: the file and module, for the error)."""
+        if method is not None:
+            if self.method and self.method != method:
+                raise CheckpointError(f"{what} holds both {self.method} and {method} tensors; a module has one "
+                                      f"adapter method.")
+            self.method = method
+        if pname == "alpha":
+            self.alpha = float(t.float().item())
+        else:
+            self.tensors[pname] = t
+
 
 @dataclass
 class Group:

@@ -96,15 +96,7 @@ def groups(tensors: dict[str, torch.Tensor], metadata: dict, where: str) -> list
         path, suffix = parts
         group = found.setdefault(component, Group(component, component))
         mw = group.modules.setdefault(path, ModuleWeights(name=path, method=""))
-        method, pname = TENSORS[suffix]
-        if method is not None:
-            if mw.method and mw.method != method:
-                raise CheckpointError(f"{where}: {component}.{path} holds both {mw.method} and {method} tensors.")
-            mw.method = method
-        if pname == "alpha":
-            mw.alpha = float(t.float().item())
-        else:
-            mw.tensors[pname] = t
+        mw.add(*TENSORS[suffix], t, f"{where}: {component}.{path}")
     for group in found.values():
         prefix = group.component + "."
         config = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}

@@ -90,16 +90,7 @@ def groups(tensors: dict[str, torch.Tensor], where: str) -> list[Group]:
                                   f"{', '.join(sorted(TENSORS))}.")
         group = found.setdefault(prefix, Group(PREFIXES[prefix], prefix))
         mw = group.modules.setdefault(name, ModuleWeights(name=f"{prefix}_{name}", method=""))
-        method, pname = TENSORS[tensor]
-        if method is not None:
-            if mw.method and mw.method != method:
-                raise CheckpointError(f"{where}: {prefix}_{name} holds both {mw.method} and {method} tensors; "
-                                      f"a module has one adapter method.")
-            mw.method = method
-        if pname == "alpha":
-            mw.alpha = float(t.float().item())
-        else:
-            mw.tensors[pname] = t
+        mw.add(*TENSORS[tensor], t, f"{where}: {mw.name}")
     for group in found.values():
         for mw in group.modules.values():
             _check_complete(mw, where)
