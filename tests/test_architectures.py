@@ -188,7 +188,8 @@ def test_lora_on_architecture(arch, targets, tmp_path):
     # PEFT's own choice of layers, where PEFT has one, and its directory loaded here
     if targets is None and peft_default("lora", base.config.model_type) is None:
         picked = {f.rsplit(".", 1)[-1] for f in _ours_adapted(m)}  # each attention's query and value projections
-        assert picked in ({"q_proj", "v_proj"}, {"query", "value"}, {"q", "v"}, {"qkv_proj"}, {"query_key_value"}), picked
+        assert picked in ({"q_proj", "v_proj"}, {"query", "value"}, {"q", "v"}, {"qkv_proj"}, {"query_key_value"},
+                          {"q_lin", "v_lin"}), picked
     else:
         peft_targets = targets
         if targets is None and name == "mixtral":  # PEFT 0.21.2 raises NoMatchingPeftModuleError on its own
