@@ -79,7 +79,6 @@ def test_target_parameters_on_moe_experts(tmp_path):
     ("monteclora_config", {"monteclora_n": 8}, ["monteclora_config is not supported", "sampler"]),
     ("use_qalora", True, ["use_qalora is not supported"]),
     ("layer_replication", [[0, 1]], ["layer_replication is not supported"]),
-    ("init_lora_weights", "eva", ["init='eva'", "initialize_lora_eva_weights"]),
     ("init_lora_weights", "corda", ["init='corda'", "preprocess_corda"]),
     ("init_lora_weights", "loftq", ["init='loftq'", "quantized"]),
 ])
@@ -94,3 +93,24 @@ def test_out_of_scope_options_refused_by_name(field, value, words, tmp_path):
     for w in words:
         assert w in str(err.value)
     assert "checkpoint made for" not in str(err.value)
+
+
+def test_a_directory_trained_with_eva_loads_as_peft_loads_it(tmp_path):
+    """EVA only chose the starting A and the ranks: its directory is plain LoRA tensors, and PEFT's
+    from_pretrained loads it as such. Starting a new EVA adapter (it needs a pass over data) is refused."""
+    from oracle import assert_close, randomize_
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV))
+    randomize_(pm, ("lora_",))
+    pm.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "eva",
+                                                              "eva_config": {"rho": 2.0}}))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    m = ac.compile(tiny_llama(), str(tmp_path), lowering="eager")
+    batch = token_batch()
+    with torch.no_grad():
+        assert_close(m(**batch).logits, theirs(**batch).logits, what="EVA directory")
+    with pytest.raises(ac.AdapterError, match="initialize_lora_eva_weights"):
+        ac.LoRA(r=4, targets=QV, init="eva")
+

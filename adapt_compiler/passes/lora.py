@@ -56,7 +56,7 @@ class LoRA(AdapterSpec):
     use_bdlora: dict | None = None
     kasa_config: dict | None = None
     velora_config: dict | None = None
-    # kept as saved (init="eva" / "corda" are refused: REFUSED_INITS)
+    # kept as saved (a new init="eva" / "corda" adapter is refused: REFUSED_INITS; an EVA directory loads)
     eva_config: dict | None = None
     corda_config: dict | None = None
     loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
@@ -121,7 +121,8 @@ REFUSED = {
 REFUSED_INITS = {
     "lora_ga": " (LoRA-GA needs the gradients PEFT's preprocess_loraga collects)",
     "eva": " (EVA initialises A from activations PEFT's initialize_lora_eva_weights collects over the user's data, "
-           "and redistributes ranks; train with PEFT's EVA, or pass its rank_pattern with init=True)",
+           "and redistributes ranks; train with PEFT's EVA, or pass its rank_pattern with init=True; a directory "
+           "PEFT trained with EVA loads here as it is)",
     "corda": " (CorDA decomposes each weight with covariances PEFT's preprocess_corda collects over the user's "
              "data, and the base becomes the residual)",
 }
@@ -521,6 +522,11 @@ class LoRAMethod(WeightMethod):
             raise AdapterError(f"LoRA: layers_pattern={config['layers_pattern']!r} is not supported (layers_to_transform "
                                f"counts the first numbered module in each path); drop it.")
         init = config.get("init_lora_weights", True)
+        if init == "eva":
+            # EVA only chose the starting A (from activations) and the ranks (rank_pattern, saved): an EVA
+            # directory holds plain LoRA tensors over the unchanged base, so it loads as one (PEFT's
+            # from_pretrained does the same); starting a new EVA adapter here is what stays refused
+            init = True
         return LoRA(
             r=config.get("r", 8),
             alpha=config.get("lora_alpha", 8),
