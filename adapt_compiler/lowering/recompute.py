@@ -44,15 +44,11 @@ def _path(raw: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", raw).strip(".")
 
 
-def _full(root: str, path: str) -> str:
-    return f"{root}.{path}" if root and path else (root or path)
-
-
 class _Blocks:
     """Which nn_module_stack paths are repeated blocks of `model` (cached per path)."""
 
-    def __init__(self, model: nn.Module, root: str):
-        self.model, self.root, self.cache = model, root, {}
+    def __init__(self, model: nn.Module):
+        self.model, self.cache = model, {}
 
     def is_block(self, path: str) -> bool:
         if path not in self.cache:
@@ -60,7 +56,7 @@ class _Blocks:
             ok = False
             if m:
                 try:
-                    parent = self.model.get_submodule(_full(self.root, m.group(1)))
+                    parent = self.model.get_submodule(m.group(1))
                 except AttributeError:
                     parent = None
                 ok = isinstance(parent, (nn.ModuleList, nn.Sequential)) and len(parent) >= 2
@@ -72,14 +68,14 @@ class _Blocks:
         for raw, _ in stack.values():  # outermost first: the decoder layer, not a ModuleList inside it
             path = _path(raw)
             if path and self.is_block(path):
-                return _full(self.root, path)
+                return path
         return None
 
 
-def find_blocks(gm: fx.GraphModule, model: nn.Module, root: str = "") -> dict[str, list[fx.Node]]:
+def find_blocks(gm: fx.GraphModule, model: nn.Module) -> dict[str, list[fx.Node]]:
     """Block FQN -> its nodes in graph order. Nodes without module metadata (e.g. inserted later)
     belong to a block when the nodes before and after them do."""
-    blocks = _Blocks(model, root)
+    blocks = _Blocks(model)
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
     owner = [blocks.of(n) for n in nodes]
     for i, o in enumerate(owner):
@@ -140,13 +136,13 @@ def _contiguous(gm: fx.GraphModule, region: list[fx.Node]) -> bool:
     return False
 
 
-def checkpoint_blocks(gm: fx.GraphModule, model: nn.Module, recompute, root: str = "") -> list[str]:
+def checkpoint_blocks(gm: fx.GraphModule, model: nn.Module, recompute) -> list[str]:
     """Outline each chosen block into a GraphModule called through torch.utils.checkpoint (see the
     module docstring). Returns the checkpointed blocks; warns, naming the model class, when
     checkpointing was asked for and no block could be checkpointed."""
     if recompute.mode == "off" and recompute.memory_budget is None:
         return []
-    blocks = find_blocks(gm, model, root)
+    blocks = find_blocks(gm, model)
     wanted = chosen_blocks(list(blocks), model, recompute)
     asked = (recompute.mode == "on" or (recompute.mode == "model" and model_checkpoints(model))
              or (recompute.by_blocks and recompute.memory_budget is not None and recompute.memory_budget < 1))
