@@ -276,7 +276,8 @@ def _quantized(model: nn.Module, tensors: dict | None, quant: dict | None):
     """(FQN -> QuantInfo, FQN -> operand name -> tensor) of the model's quantized layers."""
     from .quant import KINDS
 
-    layers = known_layers(model)
+    # the model's modules are walked only when the caller did not say what it read at compile time
+    layers = known_layers(model) if quant is None or not tensors else None
     infos = dict(quant) if quant is not None else {fqn: describe_quantized(mod) for fqn, mod in layers.items()}
     operands = {}
     for fqn, info in infos.items():
@@ -287,6 +288,7 @@ def _quantized(model: nn.Module, tensors: dict | None, quant: dict | None):
             if tensors is not None and key in tensors:
                 operands[fqn][name] = tensors[key]
             else:
+                layers = layers if layers is not None else known_layers(model)
                 live = live if live is not None else KINDS[info.kind].operands(layers[fqn])
                 operands[fqn][name] = live[name]
     return infos, operands
