@@ -7,6 +7,7 @@
     mixed.py      one adapter per sample (`adapter_names=`)
     recompute.py  activation checkpointing of repeated blocks (training graphs)
     merge.py      fold adapters into the weights
+    dynamic.py    whole-graph compiles dynamic from the first call (one compile for every batch/length)
     regional.py   lowering="regional": each distinct repeated block compiled once (aot_region.py)
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references
@@ -59,7 +60,9 @@ def _with_memory_budget(compiled, budget: float):
 
 
 def _whole(gm: fx.GraphModule, options: dict | None):
-    return torch.compile(gm, dynamic=None, options=options or None)
+    from .dynamic import compile_whole
+
+    return compile_whole(gm, options)
 
 
 def lowering_name(how) -> str:

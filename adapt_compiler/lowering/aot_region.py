@@ -26,37 +26,7 @@ from torch import fx
 
 from ..counters import COUNTERS
 from ..errors import AdapterError
-
-
-def _inner_compile_keep_saved_strides(gm, example_inputs, **kwargs):
-    """compile_fx_inner for size-oblivious dynamic training graphs.
-
-    After the forward is lowered, Inductor reports its output strides to AOTAutograd as *ints*
-    (size hints), and AOTAutograd re-strides each saved-activation placeholder of the backward when
-    `guard_or_true(symbolic_stride != int_stride)` holds. Under backed_size_oblivious that test cannot
-    be decided (`256*s != 16384` is "maybe"), so every saved activation would get concrete strides and
-    the backward would pin the sequence length (`Eq(16384, 256*s)`). So: size-oblivious while
-    tracing and lowering each graph, plain (hint-evaluating) reasoning in between, where the
-    re-stride test runs (with dynamic shapes AOTAutograd lowers the backward right after the
-    forward, inside the caller's compile_fx). Forward outputs
-    are all marked user-visible so Inductor keeps the traced strides of saved activations (as
-    invoke_subgraph_inductor_compile does)."""
-    import torch.fx.experimental._config as fx_config
-    from torch._inductor.compile_fx import compile_fx_inner
-
-    backward = kwargs.get("is_backward", False)
-    if not backward:
-        out = next(iter(gm.graph.find_nodes(op="output")))
-        outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else out.args
-        out.meta["user_visible_output_idxs"] = [i for i, a in enumerate(outs) if isinstance(a, fx.Node)]
-    before = fx_config.backed_size_oblivious
-    fx_config.backed_size_oblivious = True
-    try:
-        return compile_fx_inner(gm, example_inputs, **kwargs)
-    finally:
-        # after the forward: plain reasoning for AOTAutograd's re-stride test (see above); the
-        # caller's patch() scope puts the setting back when compile_fx returns
-        fx_config.backed_size_oblivious = before if backward else False
+from .dynamic import keep_saved_strides_inner_compile, say_no_buffers_donated
 
 
 class AOTRegion:
@@ -159,20 +129,16 @@ class AOTRegion:
             p.meta["val"] = f
         import torch.fx.experimental._config as fx_config
 
-        # size-oblivious while tracing (the forward and backward lowering: see _inner_compile_keep_saved_strides)
+        # size-oblivious while tracing (the forward and backward lowering: see keep_saved_strides_inner_compile)
         ctx = torch._guards.TracingContext(fake_mode)
         # no donated buffers: the guard (and a user) may run backward(retain_graph=True). The
         # AOTAutograd cache is off because a cache hit gives back metadata we cannot reach to say
         # so (below); Inductor's FX-graph cache still serves the compiled kernels on a warm start
         with torch._guards.tracing(ctx), fx_config.patch(backed_size_oblivious=True), \
                 torch._functorch.config.patch(donated_buffer=False, enable_autograd_cache=False):
-            fn = compile_fx(gm, fakes, inner_compile=_inner_compile_keep_saved_strides,
+            fn = compile_fx(gm, fakes, inner_compile=keep_saved_strides_inner_compile,
                             config_patches=self.options or None)
-        meta = getattr(ctx, "fw_metadata", None)
-        if meta is not None and meta.bw_donated_idxs is None:
-            # torch 2.13 leaves None ("unknown") when donation is off, and its backward then refuses
-            # retain_graph=True as if buffers were donated: say "none were"
-            meta.bw_donated_idxs = []
+            say_no_buffers_donated()
         self.compile_s += time.perf_counter() - t
         COUNTERS["regional_compiles"] += 1
         return [fn, fake_mode.shape_env, where, -1, None]

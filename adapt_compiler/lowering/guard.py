@@ -125,7 +125,10 @@ def _run(fn, args, kwargs, params, grads: bool):
     scalar = _scalar(_float_leaves(out))
     if scalar is None:
         return out, None
-    got = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
+    # every graph we compile has buffer donation off (lowering/dynamic.py), but a backward loaded from
+    # AOTAutograd's cache does not say so, and torch then refuses the retained graph as if it had
+    with torch._functorch.config.patch(donated_buffer=False):
+        got = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
     return out, list(got)
 
 
