@@ -15,6 +15,7 @@ from .generation_export import GenerationPrograms, export_generation, package_ge
 from .lowering import LOWERINGS
 from .lowering.backend import make_backend
 from .integrations.adapted_class import adapted_class
+from .integrations.peft_surface import spec_of
 from .module import AdaptedModule
 from .spec import AdapterSpec
 
@@ -24,21 +25,23 @@ def _read_specs(spec, model: nn.Module, component: str | None = None) -> dict:
     specs, or adapter paths (a PEFT dir, a kohya/LyCORIS or diffusers file: formats/); paths are read and
     validated against `model` here, before anything is built."""
     def one(name, s):
+        s, _ = spec_of(s)  # a peft.LoraConfig (or any PeftConfig of our methods) as you would pass to PEFT
         if isinstance(s, (str, Path)):
             found, tensors, sub = formats.read_adapter(s, model, component)
             return found, tensors, sub, str(s)
         if isinstance(s, AdapterSpec):
             return s, None, None, None
-        raise AdapterError(f"compile(): adapter {name!r} is a {type(s).__name__}; expected a spec or an adapter "
-                           f"path (a PEFT dir, a kohya/LyCORIS or diffusers .safetensors file).")
+        raise AdapterError(f"compile(): adapter {name!r} is a {type(s).__name__}; expected a spec, a peft "
+                           f"config (e.g. peft.LoraConfig) or an adapter path (a PEFT dir, a kohya/LyCORIS or "
+                           f"diffusers .safetensors file).")
 
-    if isinstance(spec, (str, Path, AdapterSpec)):
+    if isinstance(spec, (str, Path, AdapterSpec)) or hasattr(spec, "peft_type"):
         return {"default": one("default", spec)}
     if isinstance(spec, dict) and spec:
         return {name: one(name, s) for name, s in spec.items()}
     raise AdapterError(
-        f"compile(): spec must be an adapter spec (e.g. ac.LoRA(r=8)), a dict of them, or a PEFT adapter "
-        f"directory; got {type(spec).__name__}."
+        f"compile(): spec must be an adapter spec (e.g. ac.LoRA(r=8)), a peft config (e.g. peft.LoraConfig), a "
+        f"dict of them, or a PEFT adapter directory; got {type(spec).__name__}."
     )
 
 

@@ -315,3 +315,18 @@ def test_works_without_peft_installed(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     assert (tmp_path / "dir" / "adapter_config.json").is_file()
+
+
+def test_compile_takes_a_peft_config_as_peft_does():
+    """ac.compile(model, peft.LoraConfig(...)) means what get_peft_model(model, config) means."""
+    cfg = _peft_cfg(lora_dropout=0.0, rank_pattern={"model.layers.0.self_attn.q_proj": 2})
+    base = tiny_llama()
+    pm = peft_twin(base, cfg)
+    randomize_(pm, ("lora_",))
+    m = ac.compile(base, cfg, lowering="eager")
+    assert m.peft_config["default"].rank_pattern == cfg.rank_pattern
+    m.load_adapter_state_dict(peft.get_peft_model_state_dict(pm))
+    batch = token_batch()
+    assert_close(logits_of(m(**batch)), logits_of(pm(**batch)))
+    named = ac.compile(base, {"mine": cfg}, lowering="eager")
+    assert list(named.active_adapters) == ["mine"]
