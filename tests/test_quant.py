@@ -61,7 +61,7 @@ METHODS = {
 # every method PEFT 0.21.2 supports over each kind is covered somewhere; LoRA over every kind
 PARITY = [
     ("nf4", "lora"), ("nf4", "dora"), ("nf4", "oft"), ("nf4", "adalora"), ("nf4", "boft"), ("nf4", "bone"),
-    ("fp4-bf16-compute", "lora"),
+    ("fp4-bf16-compute", "lora"), ("fp4", "lora"), ("fp4", "dora"),
     ("int8", "lora"), ("int8", "loha"), ("int8", "lokr"),
     ("torchao_int8", "lora"), ("torchao_int8", "dora"), ("torchao_int8", "lokr"), ("torchao_int8", "oft"),
 ]
