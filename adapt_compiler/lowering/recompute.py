@@ -18,7 +18,9 @@ from): a block is a child of a ModuleList/Sequential with at least two children 
 layer), and its nodes must run contiguously with no in-place mutation (a recompute would mutate
 twice). Eager runs `torch.utils.checkpoint` as is (non-reentrant, RNG state preserved, so
 dropout masks repeat); under torch.compile, Dynamo turns it into the `tag_activation_checkpoint`
-higher-order op and AOTAutograd's partitioner recomputes the block in the backward.
+higher-order op and AOTAutograd's partitioner recomputes the block in the backward (with the
+joint graph's CSE off, which would merge identical nodes of different blocks and keep the merged
+node: lowering/__init__.py `_with_memory_budget`).
 
 Which blocks (the table's `Recompute`, table.py): "model" follows the layers' own
 `gradient_checkpointing` flags in the user's model, "on" takes every `every_n_layers`-th block,
