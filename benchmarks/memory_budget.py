@@ -22,7 +22,7 @@ with a fixed mmap threshold (point_env), so a freed tensor leaves RSS at once. R
 Points: PEFT eager without and with HF gradient checkpointing (use_reentrant=False); ours
 (Inductor, the default lowering) without checkpointing, with m.gradient_checkpointing_enable(), and at
 five memory budgets (AOTAutograd's activation_memory_budget); ours in eager lowering with and
-without checkpointing. LoRA r=16 on q/k/v/o, Llama from config, vocab 2000, float32.
+without checkpointing; PEFT under torch.compile (what a compiled process holds between steps). LoRA r=16 on q/k/v/o, Llama from config, vocab 2000, float32.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BUDGETS = (0.8, 0.5, 0.2, 0.1, 0.05)
-POINTS = ["peft", "peft_ckpt", "ours", "ours_ckpt", *[f"ours_budget_{b}" for b in BUDGETS], "eager", "eager_ckpt"]
+POINTS = ["peft", "peft_ckpt", "ours", "ours_ckpt", *[f"ours_budget_{b}" for b in BUDGETS], "eager", "eager_ckpt", "peft_compile"]
 
 
 def model_and_batch(small: bool):
@@ -67,7 +67,8 @@ def build(point: str, model):
         pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=ATTN)).train()
         if point == "peft_ckpt":
             pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return pm, [p for p in pm.parameters() if p.requires_grad]
+        params = [p for p in pm.parameters() if p.requires_grad]
+        return (torch.compile(pm) if point == "peft_compile" else pm), params
     import adapt_compiler as ac
 
     lowering = "eager" if point.startswith("eager") else "inductor"
