@@ -216,12 +216,11 @@ def _outline(gm: fx.GraphModule, path: str, region: list[fx.Node], options: dict
 
 # An input a block would keep for its recompute is instead recomputed inside the block when it
 # is a pure function of tensors at most 1/_REPLAY_RATIO of its size, through at most
-# _REPLAY_NODES nodes: the 4-D attention mask ([batch, 1, seq, seq], built from the [batch, seq]
-# padding mask before the layers and passed to every layer) is the case that matters. Kept as a
-# block input, it is saved for the backward next to the blocks' hidden states (8 MiB at batch 8 x
-# 512 in float32, twice a block's hidden state at hidden 256); replayed, each block builds it
-# (a few pointwise ops) and only the padding mask is kept. HF's eager model does not have the cost
-# (its SDPA path skips an all-ones mask), so this is what keeps a checkpointed step at PEFT's.
+# _REPLAY_NODES nodes. The case that matters is the 4-D attention mask ([batch, 1, seq, seq] bool,
+# built from the [batch, seq] padding mask before the layers and passed to every layer): as a block
+# input it is kept for the backward next to the blocks' hidden states (2 MiB at batch 8 x 512);
+# rebuilt, only the padding mask is kept. (Under Inductor the larger cost was the float mask each
+# layer makes from it, merged across layers by AOTAutograd's CSE: lowering/__init__.py.)
 _REPLAY_RATIO = 4
 _REPLAY_NODES = 64
 
