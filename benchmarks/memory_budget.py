@@ -6,25 +6,30 @@
 
 Every point runs in a fresh process (`--point NAME` runs one and prints a JSON line), because peak
 RSS is a per-process high-water mark. A point builds the model, warms up (capture, compile and the
-correctness guard's first call happen here), then resets the kernel's high-water mark
-(/proc/self/clear_refs: 5) and times `--steps` training steps (forward + backward + AdamW on the
-adapters). Reported per point:
+correctness guard's first call happen here), collects garbage, returns freed memory to the system
+(malloc_trim), resets the kernel's high-water mark (/proc/self/clear_refs: 5) and times `--steps`
+training steps (forward + backward + AdamW on the adapters). The point's process runs glibc malloc
+with a fixed mmap threshold (point_env), so a freed tensor leaves RSS at once. Reported per point:
 
-  step_peak_mb   the process's peak RSS over the timed steps (model, optimizer state, activations,
-                 allocator caches): the memory a training step needs
+  step_peak_mb   the process's peak RSS over the timed steps: what the step needs plus what the
+                 process holds (interpreter, libraries, compiled code, model, optimizer state)
   rss_before_mb  RSS right before the timed steps (what the process holds between steps)
+  step_extra_mb  step_peak_mb - rss_before_mb: the step's own memory (activations kept for the
+                 backward, gradients, transients), the number checkpointing and budgets act on
   lifetime_peak_mb  ru_maxrss of the whole process (includes capture/compile transients)
   step_ms        median step time
 
 Points: PEFT eager without and with HF gradient checkpointing (use_reentrant=False); ours
 (Inductor, the default lowering) without checkpointing, with m.gradient_checkpointing_enable(), and at
-four memory budgets (AOTAutograd's activation_memory_budget); ours in eager lowering with and
-without checkpointing. LoRA r=16 on q/k/v/o, Llama from config, vocab 2000, float32.
+five memory budgets (AOTAutograd's activation_memory_budget); ours in eager lowering with and
+without checkpointing; PEFT under torch.compile (what a compiled process holds between steps). LoRA r=16 on q/k/v/o, Llama from config, vocab 2000, float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -36,8 +41,8 @@ import time
 import torch
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-BUDGETS = (0.8, 0.5, 0.2, 0.05)
-POINTS = ["peft", "peft_ckpt", "ours", "ours_ckpt", *[f"ours_budget_{b}" for b in BUDGETS], "eager", "eager_ckpt"]
+BUDGETS = (0.8, 0.5, 0.2, 0.1, 0.05)
+POINTS = ["peft", "peft_ckpt", "ours", "ours_ckpt", *[f"ours_budget_{b}" for b in BUDGETS], "eager", "eager_ckpt", "peft_compile"]
 
 
 def model_and_batch(small: bool):
@@ -62,7 +67,8 @@ def build(point: str, model):
         pm = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=ATTN)).train()
         if point == "peft_ckpt":
             pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return pm, [p for p in pm.parameters() if p.requires_grad]
+        params = [p for p in pm.parameters() if p.requires_grad]
+        return (torch.compile(pm) if point == "peft_compile" else pm), params
     import adapt_compiler as ac
 
     lowering = "eager" if point.startswith("eager") else "inductor"
@@ -82,6 +88,14 @@ def _rss_mb(field: str) -> float:
 
 
 def _reset_peak() -> bool:
+    """Free the warmup's garbage (Dynamo's and AOTAutograd's compile-time objects sit in reference
+    cycles until a full collection), return freed memory to the system (malloc_trim), then start a
+    new high-water mark."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -107,8 +121,8 @@ def run_point(point: str, steps: int, warmup: int, small: bool) -> dict:
     for _ in range(warmup):
         step()
     warm_s = time.perf_counter() - t0
-    before = _rss_mb("VmRSS")
     reset = _reset_peak()
+    before = _rss_mb("VmRSS")
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -117,9 +131,19 @@ def run_point(point: str, steps: int, warmup: int, small: bool) -> dict:
     return {
         "point": point, "step_peak_mb": round(_rss_mb("VmHWM"), 1) if reset else None,
         "rss_before_mb": round(before, 1),
+        "step_extra_mb": round(_rss_mb("VmHWM") - before, 1) if reset else None,
         "lifetime_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "step_ms": round(1000 * statistics.median(times), 1), "warmup_s": round(warm_s, 1),
     }
+
+
+def point_env() -> dict:
+    """The environment of a point's process: glibc's malloc with a fixed mmap threshold, so every
+    tensor above 128 KiB is its own mapping, returned to the system when freed. Without it, glibc
+    raises the threshold as tensors are freed (up to 32 MiB), keeps the freed blocks in its heap, and
+    RSS keeps the warmup's peak (capture, compile, the guard's eager + compiled first call): every
+    point then reads the same high-water mark whatever the step itself needs."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def main(argv=None) -> int:
@@ -138,7 +162,7 @@ def main(argv=None) -> int:
     for point in args.points.split(","):
         cmd = [sys.executable, "-m", "benchmarks.memory_budget", "--point", point, "--steps", str(args.steps),
                "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=point_env())
         line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")), None)
         if done.returncode or line is None:
             rows.append({"point": point, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]})
@@ -146,14 +170,16 @@ def main(argv=None) -> int:
             rows.append(json.loads(line))
         print(json.dumps(rows[-1]), flush=True)
     ref = next((r for r in rows if r["point"] == "peft_ckpt" and r.get("step_peak_mb")), None)
-    print(f"\n| point | step peak RSS (MB) | vs PEFT+ckpt | RSS between steps (MB) | step (ms) |")
-    print("|---|---|---|---|---|")
+    print("\n| point | step peak RSS (MB) | vs PEFT+ckpt | RSS between steps (MB) | step's own (MB) | vs PEFT+ckpt | step (ms) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['point']} | error: {r['error']} | | | |")
+            print(f"| {r['point']} | error: {r['error']} | | | | | |")
             continue
         ratio = f"{r['step_peak_mb'] / ref['step_peak_mb']:.3f}x" if ref and r.get("step_peak_mb") else "-"
-        print(f"| {r['point']} | {r['step_peak_mb']} | {ratio} | {r['rss_before_mb']} | {r['step_ms']} |")
+        own = f"{r['step_extra_mb'] / ref['step_extra_mb']:.3f}x" if ref and r.get("step_extra_mb") else "-"
+        print(f"| {r['point']} | {r['step_peak_mb']} | {ratio} | {r['rss_before_mb']} | {r['step_extra_mb']} | {own} | "
+              f"{r['step_ms']} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=2)

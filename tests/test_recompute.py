@@ -85,6 +85,32 @@ def test_checkpointing_recomputes_each_layer_and_halves_saved_activations(shared
     assert recomputed_blocks(m.graph((), _batch())) == []
 
 
+def _shape(node):
+    v = node.meta.get("val")
+    return tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else d for d in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def test_blocks_rebuild_the_attention_mask_instead_of_keeping_it(shared):
+    """The 4-D attention mask ([batch, 1, seq, seq], built once before the layers) is not a
+    checkpointed block's input, which its recompute would keep: each block rebuilds it from the
+    [batch, seq] padding mask (lowering/recompute.py `_replayed_inputs`). The padded batch makes the
+    mask matter: the loss and grads equal the unchecked step's in the test above."""
+    m = shared
+    m.gradient_checkpointing_enable()
+    try:
+        gm = m.graph((), _batch())
+    finally:
+        m.gradient_checkpointing_disable()
+    square = (2, 1, 64, 64)  # batch 2, seq 64
+    calls = [n for n in gm.graph.nodes if n.target is torch.utils.checkpoint.checkpoint]
+    assert len(calls) == len(LAYERS)
+    for call in calls:
+        assert square not in [_shape(a) for a in call.args[1:]], f"{call.meta['ac_recompute']} keeps the 4-D mask"
+        block = getattr(gm, call.args[0].target)
+        assert square in [_shape(n) for n in block.graph.nodes], "the block does not rebuild the mask"
+    assert square not in [_shape(n) for n in gm.graph.nodes if n.op == "call_function"], "the mask is still built outside"
+
+
 def test_models_own_flag_is_honoured_and_every_n_layers():
     """HF's flag set on the model before ac.compile (the usual PEFT recipe), and every_n_layers."""
     base = _model()
@@ -148,7 +174,7 @@ def test_memory_budget_goes_to_aot_autograd_under_inductor(monkeypatch):
 
     def record(gm, how, options=None, memory_budget=None):
         budgets.append((how, memory_budget))
-        return gm  # run it eagerly here; the real compile is exercised by benchmarks/memory_budget.py
+        return gm  # run it eagerly here; test_memory_budget.py compiles it and measures the effect
 
     monkeypatch.setattr(lowering, "lower", record)
     m = ac.compile(_model(), SPEC, memory_budget=0.25).train()

@@ -9,12 +9,18 @@ says. This pass puts checkpointing back, in our graph, where it can be seen:
                                                    use_reentrant=False)
     add_9 = getitem(checkpoint, 0)
 
+A block input that is large but cheap to rebuild from small tensors (the 4-D attention mask every
+decoder layer takes, RoPE's cos/sin) is rebuilt inside each checkpointed block instead of being
+kept for its recompute (`_replayed_inputs`); only the small tensors it is built from are kept.
+
 Blocks are found from the nodes' `nn_module_stack` (export records which module each node came
 from): a block is a child of a ModuleList/Sequential with at least two children (a decoder
 layer), and its nodes must run contiguously with no in-place mutation (a recompute would mutate
 twice). Eager runs `torch.utils.checkpoint` as is (non-reentrant, RNG state preserved, so
 dropout masks repeat); under torch.compile, Dynamo turns it into the `tag_activation_checkpoint`
-higher-order op and AOTAutograd's partitioner recomputes the block in the backward.
+higher-order op and AOTAutograd's partitioner recomputes the block in the backward (with the
+joint graph's CSE off, which would merge identical nodes of different blocks and keep the merged
+node: lowering/__init__.py `_with_memory_budget`).
 
 Which blocks (the table's `Recompute`, table.py): "model" follows the layers' own
 `gradient_checkpointing` flags in the user's model, "on" takes every `every_n_layers`-th block,
@@ -146,14 +152,17 @@ def checkpoint_blocks(gm: fx.GraphModule, model: nn.Module, recompute) -> list[s
     wanted = chosen_blocks(list(blocks), model, recompute)
     asked = (recompute.mode == "on" or (recompute.mode == "model" and model_checkpoints(model))
              or (recompute.by_blocks and recompute.memory_budget is not None and recompute.memory_budget < 1))
-    done, refused = [], []
+    done, refused, replayed = [], [], set()
     for path in wanted:
         region = blocks[path]
         if any(_mutates(n) for n in region) or not _contiguous(gm, region):
             refused.append(path)
             continue
-        _outline(gm, path, region, recompute.options)
+        replayed.update(_outline(gm, path, region, recompute.options))
         done.append(path)
+    for n in reversed(gm.graph.nodes):  # what every block now rebuilds itself
+        if n in replayed and not n.users:
+            gm.graph.erase_node(n)
     if refused or (asked and not done):
         why = (f"blocks {refused[:3]} mutate tensors in place or do not run contiguously" if refused
                else "its graph has no repeated blocks (children of a ModuleList/Sequential)")
@@ -170,19 +179,22 @@ def model_checkpoints(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", None) is True for m in model.modules())
 
 
-def _outline(gm: fx.GraphModule, path: str, region: list[fx.Node], options: dict) -> None:
-    inside = set(region)
+def _outline(gm: fx.GraphModule, path: str, region: list[fx.Node], options: dict) -> list[fx.Node]:
+    """Returns the nodes outside the block that the block now replays (see _replayed_inputs)."""
+    replayed = _replayed_inputs(region)
+    body = replayed + region
+    inside, own = set(body), set(region)
     inputs: list[fx.Node] = []
-    for n in region:
+    for n in body:
         for a in n.all_input_nodes:
             if a not in inside and a not in inputs:
                 inputs.append(a)
-    outputs = [n for n in region if any(u not in inside for u in n.users)]
+    outputs = [n for n in region if any(u not in own for u in n.users)]
     sub = fx.Graph()
     env = {a: sub.placeholder(a.name) for a in inputs}
     for a, p in env.items():
         p.meta = dict(a.meta)
-    for n in region:
+    for n in body:
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(tuple(env[o] for o in outputs))
     name = RECOMPUTE_PREFIX + slot_key(path)
@@ -196,9 +208,85 @@ def _outline(gm: fx.GraphModule, path: str, region: list[fx.Node], options: dict
         for i, o in enumerate(outputs):
             got = graph.call_function(operator.getitem, (call, i))
             got.meta = dict(o.meta)
-            o.replace_all_uses_with(got, delete_user_cb=lambda u: u not in inside)
+            o.replace_all_uses_with(got, delete_user_cb=lambda u: u not in own)
     for n in reversed(region):
         graph.erase_node(n)
+    return replayed
+
+
+# An input a block would keep for its recompute is instead recomputed inside the block when it
+# is a pure function of tensors at most 1/_REPLAY_RATIO of its size, through at most
+# _REPLAY_NODES nodes. The case that matters is the 4-D attention mask ([batch, 1, seq, seq] bool,
+# built from the [batch, seq] padding mask before the layers and passed to every layer): as a block
+# input it is kept for the backward next to the blocks' hidden states (2 MiB at batch 8 x 512);
+# rebuilt, only the padding mask is kept. (Under Inductor the larger cost was the float mask each
+# layer makes from it, merged across layers by AOTAutograd's CSE: lowering/__init__.py.)
+_REPLAY_RATIO = 4
+_REPLAY_NODES = 64
+
+
+def _replayed_inputs(region: list[fx.Node]) -> list[fx.Node]:
+    """The nodes outside `region` that produce its large, cheaply recomputable inputs, in graph order."""
+    inside = set(region)
+    replay: set[fx.Node] = set()
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in replay:
+                replay |= _producers(a)
+    return [n for n in region[0].graph.nodes if n in replay]
+
+
+def _producers(a: fx.Node) -> set[fx.Node]:
+    """The nodes to replay so that `a` is rebuilt from tensors at most 1/_REPLAY_RATIO its size
+    (empty when there are none: `a` stays a block input)."""
+    size = _nbytes(a)
+    if not size or not _replayable(a):
+        return set()
+    chain: set[fx.Node] = set()
+    leaves: set[fx.Node] = set()
+    todo = [a]
+    while todo:
+        n = todo.pop()
+        if n in chain or n in leaves:
+            continue
+        small = _nbytes(n) is not None and _nbytes(n) * _REPLAY_RATIO <= size
+        if n is not a and (small or not _replayable(n)):
+            leaves.add(n)
+            continue
+        chain.add(n)
+        if len(chain) > _REPLAY_NODES:
+            return set()
+        todo.extend(n.all_input_nodes)
+    kept = [_nbytes(x) for x in leaves]
+    if any(b is None for b in kept) or sum(kept) * _REPLAY_RATIO > size:
+        return set()
+    return chain
+
+
+def _replayable(n: fx.Node) -> bool:
+    """A pure, deterministic aten op with a tensor result (safe to run once per block)."""
+    target = n.target
+    if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    return isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _nbytes(n: fx.Node) -> int | None:
+    """Bytes of a node's tensor value at the capture's example sizes (0 for non-tensors; None if
+    a size has no example value)."""
+    v = n.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return 0
+    count = 1
+    for d in v.shape:
+        if isinstance(d, torch.SymInt):
+            d = d.node.hint
+            if d is None:
+                return None
+        count *= int(d)
+    return count * v.element_size()
 
 
 def recomputed_blocks(gm: fx.GraphModule) -> list[str]:
