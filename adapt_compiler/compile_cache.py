@@ -1,11 +1,16 @@
 """Warm starts: the compile caches of a module's graphs saved next to its adapter, and loaded again.
 
-`m.save_adapter(dir, compile_cache=True)` writes two more files into a PEFT directory:
+`m.save_adapter(dir, compile_cache=True)` writes more files into a PEFT directory:
 
-    compile_cache.bin    torch.compiler.save_cache_artifacts(): Inductor's FX-graph cache entries
-                         (the generated code of each compiled graph) and AOTAutograd's cache entries
-                         (the forward/backward split), plus Dynamo's automatic-dynamic profile
-    compile_cache.json   our key: what the graphs were compiled for, and the .bin's checksum
+    compile_cache.bin      torch.compiler.save_cache_artifacts(): Inductor's FX-graph cache entries
+                           (the generated code of each compiled graph; on CUDA with the Triton kernels
+                           bundled) and AOTAutograd's cache entries (the forward/backward split), plus
+                           Dynamo's automatic-dynamic profile when it has one
+    compile_cache.kernels  CPU only: a zip of the C++ kernels' shared objects those graphs load (torch
+                           does not bundle them, so without this a warm start still runs the C++
+                           compiler for every kernel: most of a CPU compile), and Inductor's
+                           vector-ISA probe libraries (~8 s of C++ compiles per fresh cache dir)
+    compile_cache.json     our key: what the graphs were compiled for, and the files' checksums
 
 `ac.compile(model, dir, compile_cache=True)` loads the .bin with torch.compiler.load_cache_artifacts
 before anything is compiled, if and only if the key computed for the new module equals the saved
@@ -27,9 +32,13 @@ checkout does not bump), the adapters' PEFT configs (method,
 rank, targets, options) and which are active, the compile options (lowering, merged, memory budget,
 pool), and the base model's class, config, and parameter/buffer names, shapes, dtypes and devices.
 
-On CPU the C++ kernels' shared objects are not in the artifacts (torch rebuilds them from the cached
-source into the local cache directory), so a warm start still pays the C++ compiler; it skips
-AOTAutograd's tracing and partitioning and Inductor's lowering and code generation.
+On CPU torch's artifacts hold each kernel's C++ source, not its shared object; Inductor looks for
+`<cache dir>/<key[1:3]>/<key>[.main].so` (key: a hash of the source and the compiler command line,
+vector ISA flags included) and builds it only when it is missing. So the .so files of the kernels
+this process loaded (the keys in Inductor's C++ code caches) are saved, and restored into this
+process's cache dir on load, under the same content-addressed names: a kernel for another source,
+ISA or flag set has another name and is simply not found. The key adds the machine and its vector
+ISA, so kernels built for another CPU are not even unpacked.
 
 torch records artifacts per process, not per compiled function (a backward graph compiles lazily,
 inside loss.backward(), outside any call of ours), so the .bin holds every artifact this process
@@ -45,9 +54,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
+import os
 import platform
+import re
+import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -56,8 +70,10 @@ from . import checkpoint
 from .errors import AdapterError
 
 CACHE_NAME = "compile_cache.bin"
+KERNELS_NAME = "compile_cache.kernels"
 KEY_NAME = "compile_cache.json"
 FORMAT = 1
+_KERNEL_PATH = re.compile(r"[a-z0-9]{2}/c[a-z0-9]{51}(\.main)?\.so")  # Inductor's names, nothing else unpacked
 _ROOT = Path(__file__).parent
 # package parts whose source does not shape a compiled graph (file formats, CLI, reports)
 _NOT_GRAPH = ("formats", "commands", "cli.py", "report.py", "progress.py", "compile_cache.py")
@@ -118,6 +134,8 @@ def cache_key(table, options: dict) -> dict:
         transformers_version = None
     return _json({
         "torch": torch.__version__,
+        "machine": f"{platform.system()} {platform.machine()}",
+        "cpu_isa": _vector_isa(),
         "transformers": transformers_version,
         "python": platform.python_version(),
         "code": code_hashes(),
@@ -128,9 +146,16 @@ def cache_key(table, options: dict) -> dict:
     })
 
 
+def _vector_isa() -> str:
+    """This CPU's vector ISA as ATen sees it (AVX2, AVX512, ...). Not Inductor's pick_vec_isa(): on a fresh
+    cache dir that compiles its probe libraries (~8 s), which a warm start restores first."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _difference(saved: dict, now: dict) -> str:
     """The first key part that differs, said so a user knows what changed."""
-    for part, what in (("torch", "torch"), ("transformers", "transformers"), ("python", "Python")):
+    for part, what in (("torch", "torch"), ("transformers", "transformers"), ("python", "Python"),
+                       ("machine", "a"), ("cpu_isa", "CPU vector ISA")):
         if saved.get(part) != now.get(part):
             return f"made for {what} {saved.get(part)}, this is {what} {now.get(part)}"
     if saved.get("code") != now.get("code"):
@@ -185,15 +210,83 @@ def files_to_save(table, options: dict, compiled: bool) -> dict[str, bytes]:
             "enable it or drop compile_cache=True.")
     data, info = saved
     counts = {kind: len(keys) for kind, keys in sorted(info.artifacts.items()) if keys}
-    key_file = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "artifacts": counts,
-                "key": cache_key(table, options)}
-    # the key last: an interrupted rename leaves an old key that does not match the new .bin's checksum
-    return {CACHE_NAME: data, KEY_NAME: json.dumps(key_file, indent=1).encode()}
+    files = {CACHE_NAME: data}
+    kernels = _cpp_kernels()
+    if kernels:
+        files[KERNELS_NAME] = kernels
+        counts["cpp_kernels"] = len(zipfile.ZipFile(io.BytesIO(kernels)).namelist())
+    key_file = {"format": FORMAT, "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in files.items()},
+                "artifacts": counts, "key": cache_key(table, options)}
+    # the key last: an interrupted rename leaves an old key that does not match the new files' checksums
+    return {**files, KEY_NAME: json.dumps(key_file, indent=1).encode()}
+
+
+def _cpp_kernels() -> bytes | None:
+    """A zip of the shared objects of the C++ kernels this process loaded (paths relative to Inductor's
+    cache dir), or None when there are none (CUDA, or nothing compiled for CPU)."""
+    from torch._inductor.codecache import CppCodeCache
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    keys, todo = set(), [CppCodeCache]
+    while todo:  # the class and its subclasses (Python bindings, C++ wrapper) each keep their own cache
+        cls = todo.pop()
+        keys |= set(vars(cls).get("cache", {}))
+        todo += cls.__subclasses__()
+    root = Path(cache_dir())
+    found = {p for key in keys for p in (root / key[1:3]).glob(f"{key}*.so")}
+    found = sorted(p for p in found | _isa_probes(root) if _KERNEL_PATH.fullmatch(p.relative_to(root).as_posix()))
+    if not found:
+        return None
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for p in found:
+            z.write(p, p.relative_to(root).as_posix())
+    return out.getvalue()
+
+
+def _isa_probes(root: Path) -> set[Path]:
+    """The tiny libraries Inductor builds to find the CPU's vector ISA (cpu_vec_isa.check_build: one C++
+    compile each, ~8 s CPU in all on a fresh cache dir, cached by existence like the kernels): the .so
+    files whose .cpp is one of its probe sources."""
+    from torch._inductor import cpu_vec_isa
+
+    probes = {v.strip() for cls in vars(cpu_vec_isa).values() if isinstance(cls, type)
+              for name, v in vars(cls).items() if name.endswith("_code") and isinstance(v, str)}
+    out = set()
+    for so in root.glob("??/c*.so"):
+        cpp = so.with_suffix(".cpp")
+        if not so.name.endswith(".main.so") and cpp.is_file() and cpp.stat().st_size < 4096:
+            if cpp.read_text(errors="replace").strip() in probes:
+                out.add(so)
+    return out
+
+
+def _restore_cpp_kernels(data: bytes) -> int:
+    """Unpack the kernels into this process's Inductor cache dir, each atomically, never over an existing file."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    root, n = Path(cache_dir()), 0
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        bad = [name for name in z.namelist() if not _KERNEL_PATH.fullmatch(name)]
+        if bad:  # checked before anything is unpacked
+            raise ValueError(f"unexpected entry {bad[0]!r} in {KERNELS_NAME}")
+        for name in z.namelist():
+            target = root / name
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(z.read(name))
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+            n += 1
+    return n
 
 
 # -- load --------------------------------------------------------------------------------------
 def present(directory) -> bool:
-    return (Path(directory) / KEY_NAME).is_file() or (Path(directory) / CACHE_NAME).is_file()
+    return any((Path(directory) / name).is_file() for name in (KEY_NAME, CACHE_NAME, KERNELS_NAME))
 
 
 def load(directory, table, options: dict, trusted: bool) -> str:
@@ -206,9 +299,11 @@ def load(directory, table, options: dict, trusted: bool) -> str:
     if why is None:
         data = (where / CACHE_NAME).read_bytes()
         try:
+            kernels = (where / KERNELS_NAME).read_bytes() if (where / KERNELS_NAME).is_file() else None
+            restored = _restore_cpp_kernels(kernels) if kernels is not None else 0
             info = torch.compiler.load_cache_artifacts(data)
         except Exception as err:  # noqa: BLE001 - a cache must never stop a run
-            why = f"torch could not load it ({type(err).__name__}: {err})"
+            why = f"it could not be loaded ({type(err).__name__}: {err})"
         else:
             if info is None:
                 why = "torch could not read it (an artifact format of another torch build?)"
@@ -216,7 +311,8 @@ def load(directory, table, options: dict, trusted: bool) -> str:
                 counts = {kind: len(keys) for kind, keys in sorted(info.artifacts.items()) if keys}
                 n = sum(counts.values())
                 shown = ", ".join(f"{kind} {c}" for kind, c in counts.items())
-                return f"compile cache: loaded {n} artifacts ({shown}) from {where}"
+                cpp = f", {restored} C++ kernels" if kernels is not None else ""
+                return f"compile cache: loaded {n} artifacts ({shown}{cpp}) from {where}"
     line = f"compile cache: {where / CACHE_NAME} ignored: {why}"
     warnings.warn(line, CompileCacheWarning, stacklevel=3)
     return line
@@ -242,8 +338,14 @@ def _why_not(where: Path, table, options: dict) -> str | None:
         return f"{KEY_NAME} is not readable JSON ({err})"
     if saved.get("format") != FORMAT:
         return f"key format {saved.get('format')!r}, this version reads {FORMAT}"
-    if hashlib.sha256((where / CACHE_NAME).read_bytes()).hexdigest() != saved.get("sha256"):
-        return f"{CACHE_NAME} does not match the checksum in {KEY_NAME} (corrupt, or from another save)"
+    sums = saved.get("sha256") if isinstance(saved.get("sha256"), dict) else {}
+    for name in (CACHE_NAME, KERNELS_NAME):
+        if name not in sums and name == KERNELS_NAME:
+            continue
+        if not (where / name).is_file():
+            return f"{name} is missing ({KEY_NAME} lists it)"
+        if hashlib.sha256((where / name).read_bytes()).hexdigest() != sums.get(name):
+            return f"{name} does not match the checksum in {KEY_NAME} (corrupt, or from another save)"
     now = cache_key(table, options)
     if saved.get("key") != now:
         return _difference(saved.get("key") or {}, now)

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,13 @@ def test_save_writes_cache_and_key_and_peft_still_loads_the_directory(saved):
     key = json.loads((directory / compile_cache.KEY_NAME).read_text())
     assert len(data) > 0 and key["format"] == compile_cache.FORMAT
     assert key["artifacts"].get("inductor", 0) > 0, key["artifacts"]  # Inductor's FX-graph entries are in
+    assert key["artifacts"].get("cpp_kernels", 0) > 0, key["artifacts"]  # and, on CPU, the kernels' .so files
+    with zipfile.ZipFile(directory / compile_cache.KERNELS_NAME) as z:
+        assert all(n.endswith(".so") for n in z.namelist()) and len(z.namelist()) == key["artifacts"]["cpp_kernels"]
     assert key["key"]["torch"] == torch.__version__ and key["key"]["adapters"]["default"]["r"] == 4
     assert sorted(p.name for p in directory.iterdir()) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", compile_cache.CACHE_NAME, compile_cache.KEY_NAME])
+        ["adapter_config.json", "adapter_model.safetensors", compile_cache.CACHE_NAME, compile_cache.KERNELS_NAME,
+         compile_cache.KEY_NAME])
     # PEFT reads the directory as before and computes the step we compiled (loss and every adapter grad)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(saved["base"]), str(directory), is_trainable=True).train()
     out = peft_model(**token_batch(batch=2, seq=7, labels=True))
@@ -130,6 +135,9 @@ def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert got["line"].startswith("compile cache: loaded ") and str(saved["dir"]) in got["line"], got["line"]
+    restored = {p.relative_to(cache_dir).as_posix() for p in cache_dir.glob("??/*.so")}
+    with zipfile.ZipFile(saved["dir"] / compile_cache.KERNELS_NAME) as z:
+        assert set(z.namelist()) <= restored  # the kernels were unpacked where Inductor looks for them
     hits = got["counters"]["inductor"].get("fxgraph_cache_hit", 0) + got["counters"]["aot_autograd"].get(
         "autograd_cache_hit", 0)
     assert hits > 0, got["counters"]  # its graphs came from the artifacts, not a fresh compile
@@ -189,7 +197,9 @@ def test_key_changes_with_the_spec_and_the_model():
     (lambda d: (d / compile_cache.CACHE_NAME).write_bytes(b"not a cache"), "does not match the checksum"),
     (lambda d: (d / compile_cache.KEY_NAME).write_text("{broken"), "not readable JSON"),
     (lambda d: (d / compile_cache.KEY_NAME).unlink(), "no compile_cache.json"),
-], ids=["corrupt-bin", "corrupt-key", "no-key"])
+    (lambda d: (d / compile_cache.KERNELS_NAME).write_bytes(b"PK"), "compile_cache.kernels does not match"),
+    (lambda d: (d / compile_cache.KERNELS_NAME).unlink(), "compile_cache.kernels is missing"),
+], ids=["corrupt-bin", "corrupt-key", "no-key", "corrupt-kernels", "no-kernels"])
 def test_corrupt_cache_is_ignored_not_a_crash(saved, tmp_path, no_load, damage, reason):
     directory = _copy(saved, tmp_path)
     damage(directory)
@@ -197,6 +207,31 @@ def test_corrupt_cache_is_ignored_not_a_crash(saved, tmp_path, no_load, damage, 
         _, m = _module(directory, compile_cache=True)
     assert reason in m.report().compile_cache
     assert no_load == []
+
+
+def test_kernel_archive_entries_outside_inductors_names_are_refused(saved, tmp_path, monkeypatch):
+    """A kernel archive is unpacked into Inductor's cache dir only under Inductor's own file names (no
+    '../', no other files), even when its checksum matches; the cache is then ignored, not a crash."""
+    directory = _copy(saved, tmp_path)
+    with zipfile.ZipFile(directory / compile_cache.KERNELS_NAME, "a") as z:
+        z.writestr("../evil.so", b"x")
+    _edit_key_sums(directory)
+    target = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(target))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: None)
+    with pytest.warns(compile_cache.CompileCacheWarning, match="unexpected entry '../evil.so'"):
+        _, m = _module(directory, compile_cache=True)
+    assert "ignored" in m.report().compile_cache
+    assert not (tmp_path / "evil.so").exists()
+
+
+def _edit_key_sums(directory: Path) -> None:
+    import hashlib
+
+    key_file = directory / compile_cache.KEY_NAME
+    data = json.loads(key_file.read_text())
+    data["sha256"] = {n: hashlib.sha256((directory / n).read_bytes()).hexdigest() for n in data["sha256"]}
+    key_file.write_text(json.dumps(data))
 
 
 def test_cache_is_loaded_only_when_asked(saved, no_load):
