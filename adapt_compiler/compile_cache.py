@@ -110,18 +110,22 @@ def _json(value):
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
-def _model_part(model: torch.nn.Module) -> dict:
+def _model_part(table) -> dict:
+    """The base model as the graphs see it: its class and config, and the frozen tensors the graphs read
+    (the module's own copies: after `m.to(...)` they, not the user's model, have the new dtype/device),
+    plus the adapter tensors' dtypes and devices."""
+    model = table.model
     config = getattr(model, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else None
     if isinstance(config, dict):  # where the weights came from does not shape the graph
         config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
-    tensors = [(n, tuple(t.shape), str(t.dtype), str(t.device))
-               for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]]
-    dtypes = sorted({d for _, _, d, _ in tensors if "float" in d})
-    devices = sorted({d for *_, d in tensors})
+    tensors = sorted((n, tuple(t.shape), str(t.dtype), str(t.device)) for n, t in table.frozen.items())
+    adapters = {(str(p.dtype), str(p.device)) for *_, p in table.tensors()}
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "config": _json(config),
             "tensors": hashlib.sha256(repr(tensors).encode()).hexdigest()[:16], "tensor_count": len(tensors),
-            "dtypes": dtypes, "devices": devices}
+            "dtypes": sorted({d for _, _, d, _ in tensors if "float" in d}),
+            "devices": sorted({d for *_, d in tensors} | {d for _, d in adapters}),
+            "adapter_dtypes": sorted({d for d, _ in adapters})}
 
 
 def cache_key(table, options: dict) -> dict:
@@ -142,7 +146,7 @@ def cache_key(table, options: dict) -> dict:
         "adapters": {name: checkpoint.peft_config(table, name) for name in table.names()},
         "active": list(table.active),
         "options": options,
-        "model": _model_part(table.model),
+        "model": _model_part(table),
     })
 
 
@@ -181,9 +185,9 @@ def _difference(saved: dict, now: dict) -> str:
         a, b = old.get("config") or {}, new.get("config") or {}
         fields = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
         return "made for another model config (" + ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in fields[:3]) + ")"
-    for part in ("dtypes", "devices"):
+    for part, what in (("dtypes", "a model in"), ("devices", "a model on"), ("adapter_dtypes", "adapters in")):
         if old.get(part) != new.get(part):
-            return f"made for a model in {old.get(part)}, this one is in {new.get(part)}"
+            return f"made for {what} {old.get(part)}, this one is in {new.get(part)}"
     if old != new:
         return "made for a model with other parameter/buffer names or shapes"
     return "key differs"  # a part added by a later version
