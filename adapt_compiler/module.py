@@ -695,7 +695,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         regions = [line for es in self._graphs.values() for e in es for gm in e.graphs.values()
                    for line in region_lines(gm.meta.get("ac_regions"))]
         rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions,
-                           self._compile_cache_line)
+                           self.__dict__.get("_compile_cache_line"))  # absent in pickles made before it
         if print_table:
             rep.print()
         return rep
