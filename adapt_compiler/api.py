@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import compile_cache as compile_caches
 from . import formats
 from .checkpoint import load_adapter_state_dict, warn_if_quantization_differs
 from .errors import AdapterError, ExportError
@@ -48,7 +49,7 @@ def _read_specs(spec, model: nn.Module, component: str | None = None) -> dict:
 def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None, lowering: str = "inductor",
             adapter_name: str | None = None, verify: bool = True, component: str | None = None,
             memory_budget: float | None = None, max_adapters: int | None = None, max_rank: int | None = None,
-            evict: bool = False) -> AdaptedModule:
+            evict: bool = False, compile_cache: bool = False) -> AdaptedModule:
     """Adapt `model` with `spec`. The model itself is never modified.
 
     `spec` may be an adapter path: a PEFT directory, or a kohya/LyCORIS or diffusers .safetensors file
@@ -70,7 +71,12 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
 
     `max_adapters=N` (with `max_rank=r`, default the spec's r): a serving pool over the spec's target
     layers, compiled once; the spec's LoRA adapters and every LoRA loaded later take its slots
-    (`AdaptedModule.reserve`). `evict=True`: a full pool drops its least recently used adapter."""
+    (`AdaptedModule.reserve`). `evict=True`: a full pool drops its least recently used adapter.
+
+    `compile_cache=True` (with `spec` a PEFT directory saved by `m.save_adapter(dir, compile_cache=True)`):
+    load the compile caches saved there before anything is compiled, if they were made for this
+    model, spec, torch and adapt_compiler code; report() says whether they were loaded or why not
+    (compile_cache.py). Off by default: the cache holds pickled compiled code."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"compile(): model must be a torch.nn.Module, got {type(model).__name__}.")
     if lowering not in LOWERINGS and not callable(lowering):
@@ -80,6 +86,7 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
                                       or not 0 < memory_budget <= 1):
         raise AdapterError(f"compile(): memory_budget={memory_budget!r} must be a number in (0, 1] (the share of "
                            f"activation memory a training step keeps), or None.")
+    cache_dir = _compile_cache_dir(spec, compile_caches.check_flag(compile_cache, "compile()"))
     read = _read_specs(spec, model, component)
     if adapter_name is not None and len(read) == 1:
         read = {adapter_name: next(iter(read.values()))}
@@ -107,10 +114,25 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     if merge:
         m.merge()
         m.eval()
+    if cache_dir is not None and (compile_cache or compile_caches.present(cache_dir)):
+        # before the first compile: the graphs compiled at the first call find their cache entries
+        m._compile_cache_line = compile_caches.load(cache_dir, m.table, m._compile_options(), trusted=compile_cache)
     if example_inputs is not None:
         args, kwargs = _split_inputs(example_inputs)
         m.capture(args, kwargs)
     return m
+
+
+def _compile_cache_dir(spec, wanted: bool) -> Path | None:
+    """The adapter directory a compile cache would sit in (`spec` a path to a directory), else None;
+    compile_cache=True without one is refused by name."""
+    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        return Path(spec)
+    if wanted:
+        raise AdapterError(f"compile(): compile_cache=True loads the compile cache saved next to an adapter "
+                           f"(m.save_adapter(dir, compile_cache=True)); spec must be that directory, got "
+                           f"{type(spec).__name__}. Drop compile_cache=True or pass the directory.")
+    return None
 
 
 def _split_inputs(example_inputs):

@@ -471,9 +471,12 @@ def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Pa
     return out
 
 
-def save_adapter(table, path, adapter_name: str | list[str] | None = None, layout: str = "first") -> None:
+def save_adapter(table, path, adapter_name: str | list[str] | None = None, layout: str = "first",
+                 extra_files=None) -> None:
     """PEFT's files: the first (or named) adapter in `path`, any others in `path/<name>/`
-    (`layout="peft"`: the one named "default" in `path`, see _payloads)."""
+    (`layout="peft"`: the one named "default" in `path`, see _payloads). `extra_files`: {file name:
+    bytes} more for `path` (the compile cache, compile_cache.py), staged with the adapter files and
+    renamed after them, in the dict's order."""
     if adapter_name is None:
         names = table.names()
     else:
@@ -505,6 +508,8 @@ def save_adapter(table, path, adapter_name: str | list[str] | None = None, layou
                            target / WEIGHTS_NAME))
             staged.append((_write_temp(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text)),
                            target / CONFIG_NAME))
+        for file_name, data in (extra_files or {}).items():
+            staged.append((_write_temp(root / file_name, lambda tmp: Path(tmp).write_bytes(data)), root / file_name))
         for tmp, final in staged:
             os.replace(tmp, final)
     except BaseException:

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from . import checkpoint, formats, pipeline
 from .capture import Captured, compiled_flat, fits, memo_key, signature
+from .compile_cache import check_flag, files_to_save
 from .counters import COUNTERS
 from .errors import AdapterError
 from .integrations.adapted_class import adapted_class
@@ -105,6 +106,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         self.table.recompute.memory_budget = memory_budget
         self.table.recompute.by_blocks = lowering != "inductor"  # Inductor takes the budget itself
         self._pool_active = None  # the pool adapter set_adapter chose, if any
+        self._compile_cache_line = None  # report(): what ac.compile did with a compile cache (compile_cache.py)
         if pool is not None:  # ac.compile(..., max_adapters=N, max_rank=r): a pool over the specs' targets
             fqns = [f for spec in specs.values() if not isinstance(method_for(spec), GraphMethod)
                     for f in resolve_targets(spec, model, layer_kind)]
@@ -587,11 +589,26 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
 
     # -- adapters as files -------------------------------------------------------------------
     def save_adapter(self, path, adapter_name: str | None = None, format: str = "peft",
-                     component: str | None = None) -> None:
+                     component: str | None = None, compile_cache: bool = False) -> None:
         """format: "peft" (a directory PEFT loads), "kohya" (a kohya/LyCORIS .safetensors file) or
         "diffusers" (save_lora_weights' layout); `component`: the pipeline model it is for (default from
-        the model's class: "unet", "transformer", "text_encoder")."""
-        formats.save_adapter(self.table, path, adapter_name, format=format, component=component)
+        the model's class: "unet", "transformer", "text_encoder"). `compile_cache=True` (PEFT directories):
+        also the compile caches of the graphs compiled so far, for a warm start with
+        `ac.compile(model, path, compile_cache=True)` (compile_cache.py)."""
+        extra = None
+        if check_flag(compile_cache, "save_adapter") and format == "peft":
+            compiled = any(e.lowered for es in self._graphs.values() for e in es)
+            extra = files_to_save(self.table, self._compile_options(), compiled)  # refuses before writing
+        elif compile_cache:
+            extra = {}  # formats.save_adapter refuses it by name for single-file formats
+        formats.save_adapter(self.table, path, adapter_name, format=format, component=component, extra_files=extra)
+
+    def _compile_options(self) -> dict:
+        """The compile options a compile cache is keyed on (compile_cache.cache_key)."""
+        pool = self.table.pool
+        return {"lowering": lowering_name(self.lowering), "merged": self._merged,
+                "memory_budget": self.table.recompute.memory_budget,
+                "pool": None if pool is None else [pool.capacity, pool.rank, sorted(pool.layers)]}
 
     def load_adapter(self, path, adapter_name: str = "default", is_trainable: bool = False, hotswap: bool = False,
                      component: str | None = None, **peft_options) -> None:
@@ -677,7 +694,8 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
                        for w in gm.meta.get("ac_workarounds", ())]
         regions = [line for es in self._graphs.values() for e in es for gm in e.graphs.values()
                    for line in region_lines(gm.meta.get("ac_regions"))]
-        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions)
+        rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions,
+                           self.__dict__.get("_compile_cache_line"))  # absent in pickles made before it
         if print_table:
             rep.print()
         return rep

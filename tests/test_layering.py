@@ -9,7 +9,8 @@ it does not remove it). Layers, lowest first; a module may import its own layer 
     spec        spec
     capture     capture, example_inputs
     passes      passes.*                  (never lowering, pipeline, module)
-    checkpoint  checkpoint, formats.*   (PEFT dirs; kohya/LyCORIS and diffusers files)
+    checkpoint  checkpoint, formats.*, compile_cache   (PEFT dirs; kohya/LyCORIS and diffusers files;
+                                           compile caches saved next to a PEFT dir)
     lowering    lowering.*                (never module)
     pipeline    pipeline, report, graph_view, targeting
     integrations integrations.*       (ecosystem glue: what HF clients read from a model)
@@ -41,7 +42,7 @@ LAYERS = [
     ("spec", ("spec",)),
     ("capture", ("capture", "example_inputs")),
     ("passes", ("passes",)),
-    ("checkpoint", ("checkpoint", "formats")),
+    ("checkpoint", ("checkpoint", "formats", "compile_cache")),
     ("lowering", ("lowering",)),
     ("pipeline", ("pipeline", "report", "graph_view", "targeting")),
     ("integrations", ("integrations",)),

@@ -109,15 +109,21 @@ def default_component(model: nn.Module) -> str | None:
     return None
 
 
-def save_adapter(table, path, adapter_name: str | None = None, format: str = "peft", component: str | None = None):
-    """Save in `format`: "peft" (a directory, every adapter), "kohya" or "diffusers" (one adapter, one file)."""
+def save_adapter(table, path, adapter_name: str | None = None, format: str = "peft", component: str | None = None,
+                 extra_files=None):
+    """Save in `format`: "peft" (a directory, every adapter), "kohya" or "diffusers" (one adapter, one file).
+    `extra_files` (PEFT directories only): see checkpoint.save_adapter."""
     if format not in FORMATS:
         raise AdapterError(f"save_adapter: format={format!r} is not one of {FORMATS}.")
     if format == "peft":
         if component is not None:
             raise AdapterError("save_adapter: component= names a model of a pipeline in a single-file format; the "
                                "PEFT format has no such field. Drop component= or pick format='kohya'/'diffusers'.")
-        return checkpoint.save_adapter(table, path, adapter_name)
+        return checkpoint.save_adapter(table, path, adapter_name, extra_files=extra_files)
+    if extra_files is not None:
+        raise AdapterError(f"save_adapter(format={format!r}, compile_cache=True): a compile cache is saved next to "
+                           f"the adapter in a PEFT directory; a {format} file has no room for it. Save with "
+                           f"format='peft', or drop compile_cache=True.")
     names = [adapter_name] if adapter_name else list(table.specs)
     if len(names) > 1:
         raise AdapterError(f"save_adapter(format={format!r}): a {format} file holds one adapter and this module has "

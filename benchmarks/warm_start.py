@@ -1,0 +1,149 @@
+"""Warm starts: time to the first training step cold vs warm from the compile cache saved with the adapter.
+
+    python -m benchmarks.warm_start                        # hidden 256, depths 2 and 8, lowering inductor
+    python -m benchmarks.warm_start --layers 2 --small     # quick validation (hidden 64)
+    python -m benchmarks.warm_start --lowering regional
+
+Per depth, three fresh processes (TORCHINDUCTOR_COMPILE_THREADS=1, so every C++ compile is a reaped child
+counted in the CPU time):
+  cold        a new empty TORCHINDUCTOR_CACHE_DIR; ac.compile(model, ac.LoRA(...)), first step; after its
+              backward m.save_adapter(dir, compile_cache=True) (its time: save_s, not counted in the
+              first step; before the optimizer step, so the warm runs load the same weights)
+  warm        ANOTHER new empty TORCHINDUCTOR_CACHE_DIR (nothing warm on disk); ac.compile(model, dir,
+              compile_cache=True): the artifacts saved with the adapter are all it has
+  warm_local  the cold run's cache dir again, ac.compile(model, dir) without loading the artifacts:
+              what a rerun on the same machine gets from Inductor's local caches (the reference:
+              on CPU it also has the compiled C++ kernels, which the artifacts do not carry)
+Measured like benchmarks/first_step.py: first_step_s (wall) and first_step_cpu_s from the compile call
+to the end of the first AdamW step (capture, compile, the guard's eager check, forward, backward);
+plus Inductor/AOTAutograd cache counters and, for warm, the report's compile-cache line. The warm
+runs' first loss must equal the cold run's (loss_matches_cold).
+
+Model: Llama (hidden 256, intermediate 512, 4 heads, vocab 1000; --small: hidden 64), random weights, LoRA
+r=8 on q/k/v/o, batch 2 x 64, OMP_NUM_THREADS=2 unless set. One JSON line per run appended to --out
+(default benchmarks/warm_start.jsonl), a markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.first_step import TARGETS, _cpu_s
+
+
+def one(run: str, layers: int, small: bool, adapter_dir: str, lowering: str) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import adapt_compiler as ac
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    hidden, inter = (64, 128) if small else (256, 512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4,
+                                         num_key_value_heads=4, num_hidden_layers=layers, vocab_size=1000,
+                                         use_cache=False))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 64), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    t0, c0 = time.perf_counter(), _cpu_s()
+    if run == "cold":
+        m = ac.compile(model, ac.LoRA(r=8, targets=TARGETS), lowering=lowering)
+    else:
+        m = ac.compile(model, adapter_dir, lowering=lowering, compile_cache=run == "warm")
+    m.train()
+    params = m.adapter_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    loss = m(**batch).loss
+    loss.backward()
+    save_s = save_cpu_s = 0.0
+    if run == "cold":  # saved before the optimizer step: the warm runs start from these weights (same loss)
+        t, c = time.perf_counter(), _cpu_s()
+        m.save_adapter(adapter_dir, compile_cache=True)
+        save_s, save_cpu_s = time.perf_counter() - t, _cpu_s() - c
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    res = {"run": run, "layers": layers, "small": small, "lowering": lowering,
+           "first_step_s": time.perf_counter() - t0 - save_s, "first_step_cpu_s": _cpu_s() - c0 - save_cpu_s,
+           "loss0": float(loss)}
+    if run == "cold":
+        res["save_s"] = save_s
+        res["cache_bytes"] = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir)
+                                 if f.startswith("compile_cache."))
+    res["cache_line"] = m.report().compile_cache
+    res["counters"] = {k: {n: v for n, v in counters[k].items() if "cache" in n}
+                       for k in ("inductor", "aot_autograd")}
+    return res
+
+
+def run_child(run: str, layers: int, small: bool, adapter_dir: str, cache: str, lowering: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), TORCHINDUCTOR_CACHE_DIR=cache,
+               TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore", ADAPT_COMPILER_QUIET="1")
+    cmd = [sys.executable, "-m", "benchmarks.warm_start", "one", "--run", run, "--layers", str(layers),
+           "--adapter-dir", adapter_dir, "--lowering", lowering, *(["--small"] if small else [])]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
+    if p.returncode or not lines:
+        return {"run": run, "layers": layers, "error": (p.stderr or p.stdout)[-1500:]}
+    res = json.loads(lines[-1])
+    res["load1"] = os.getloadavg()[0]
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| layers | run | first step s (wall) | first step CPU s | FX-graph cache hit/miss | AOTAutograd hit/miss "
+           "| loss = cold | load |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['layers']} | {r['run']} | ERROR {r['error'][-160:]!r} ||||||")
+            continue
+        ind, aot = r["counters"]["inductor"], r["counters"]["aot_autograd"]
+        out.append(f"| {r['layers']} | {r['run']} | {r['first_step_s']:.1f} | {r['first_step_cpu_s']:.1f} | "
+                   f"{ind.get('fxgraph_cache_hit', 0)}/{ind.get('fxgraph_cache_miss', 0)} | "
+                   f"{aot.get('autograd_cache_hit', 0)}/{aot.get('autograd_cache_miss', 0)} | "
+                   f"{r.get('loss_matches_cold', '')} | {r['load1']:.1f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cmd", nargs="?", default="sweep", choices=["sweep", "one"])
+    ap.add_argument("--run", choices=["cold", "warm", "warm_local"])
+    ap.add_argument("--layers", default="2,8")
+    ap.add_argument("--small", action="store_true", help="hidden 64: validates the script quickly")
+    ap.add_argument("--lowering", default="inductor", choices=["inductor", "regional"])
+    ap.add_argument("--adapter-dir")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_start.jsonl"))
+    a = ap.parse_args()
+    if a.cmd == "one":
+        print(json.dumps(one(a.run, int(a.layers), a.small, a.adapter_dir, a.lowering)), flush=True)
+        return
+    rows = []
+    for layers in [int(x) for x in a.layers.split(",")]:
+        work = tempfile.mkdtemp(prefix=f"ac_warm_start_{layers}_")
+        adapter_dir, cold_cache = os.path.join(work, "adapter"), os.path.join(work, "cache_cold")
+        cold = None
+        for run, cache in (("cold", cold_cache), ("warm", os.path.join(work, "cache_warm")),
+                           ("warm_local", cold_cache)):
+            res = run_child(run, layers, a.small, adapter_dir, cache, a.lowering)
+            if run == "cold":
+                cold = res
+            elif "error" not in res and cold is not None and "error" not in cold:
+                res["loss_matches_cold"] = res["loss0"] == cold["loss0"]
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
