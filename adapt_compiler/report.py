@@ -71,6 +71,7 @@ class Report:
     checks: list = field(default_factory=list)  # (graph, lowering.guard.Verdict or None) per compiled graph
     workarounds: list = field(default_factory=list)  # compiler bugs worked around in the graphs (lowering/workarounds.py)
     regions: list = field(default_factory=list)  # lowering="regional": groups of identical blocks (lowering/regional.py)
+    auto: list = field(default_factory=list)  # lowering="auto": per graph, when it switched from eager (lowering/auto.py)
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)
@@ -116,6 +117,7 @@ class Report:
         lines += [f"compiled graph {what}: {_check_text(v)}" for what, v in self.checks]
         lines += [f"workaround: {w}" for w in self.workarounds]
         lines += [f"regional: {r}" for r in self.regions]
+        lines += [f"auto {a}" for a in self.auto]
         return "\n".join(lines)
 
     # -- rich -------------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ class Report:
             totals.append(f"\ncompiled graph {what}: {_check_text(verdict)}", style=style)
         for w in self.workarounds:
             totals.append(f"\nworkaround: {w}")
+        for a in self.auto:
+            totals.append(f"\nauto {a}")
         parts = [table, totals]
         if unmatched:
             parts.append(self._unmatched_table())
@@ -246,12 +250,12 @@ def region_lines(meta: dict | None) -> list[str]:
             for k, paths in sorted(meta.get("groups", {}).items())]
 
 
-def build_report(table, lowering: str, graph=None, checks=(), workarounds=(), regions=()) -> Report:
+def build_report(table, lowering: str, graph=None, checks=(), workarounds=(), regions=(), auto=()) -> Report:
     """The report of one AdaptedModule's table; orders and FLOPs from the plan on `graph` (None:
     nothing captured yet); `checks`: (graph description, guard verdict) of each compiled graph."""
     rep = Report(lowering=lowering, counters=dict(COUNTERS), active=tuple(table.active),
                  model_name=type(table.model).__name__, checks=list(checks), workarounds=sorted(set(workarounds)),
-                 regions=list(dict.fromkeys(regions)))
+                 regions=list(dict.fromkeys(regions)), auto=list(auto))
     decisions = decisions_of(graph) if graph is not None else {}
     for slot in table.slots.values():
         for name, method in slot.methods.items():
