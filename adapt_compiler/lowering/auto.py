@@ -221,7 +221,7 @@ class EagerUntilCompiled:
         except _Compiled:
             pass
         except Exception as e:  # noqa: BLE001 - a failed compile must never reach the training loop
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            why = _reason(e)
         finally:
             _LOCAL.warming = False
             _release_rng()
@@ -239,6 +239,19 @@ class EagerUntilCompiled:
         if self.status.startswith("failed"):
             return f"background compile {self.status}; every call runs eager ({self.eager_calls} so far)"
         return f"{self.status}; {self.eager_calls} calls ran eager so far"
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the exception, and the backend's own error that Dynamo wrapped (BackendCompilerFailed)."""
+    inner = getattr(e, "inner_exception", None) or e.__cause__
+    parts = [e] if inner is None else [e, inner]
+    text = ": ".join(f"{type(x).__name__}" + (f" ({first})" if (first := _first_line(x)) else "") for x in parts)
+    return text[:400]
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip() if lines else ""
 
 
 def _input_copy(x):
@@ -273,4 +286,4 @@ def _say(line: str, quiet: bool) -> None:
         return
     from rich.console import Console
 
-    Console(stderr=True).print(f"adapt_compiler: {line}")
+    Console(stderr=True, soft_wrap=True).print(f"adapt_compiler: {line}")

@@ -1,0 +1,205 @@
+"""lowering="auto": eager calls while the whole graph compiles in a background thread, then the compiled graph.
+
+Most tests inject a cheap compiler (AOTAutograd with the graphs run as they are) as the backend of the
+background compile, gated by events: the test decides when the compile may finish, so "eager
+before, compiled after" is asserted by call counts and Dynamo's counters, not by timing, and the
+eager steps provably run while the compile is in progress. One slow test compiles with Inductor.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
+
+import adapt_compiler as ac
+from adapt_compiler import progress
+from adapt_compiler.errors import AdapterError
+from adapt_compiler.lowering import auto
+from models import tiny_llama, token_batch
+from oracle import adapter_grads_ours, assert_close
+
+
+class _Gated:
+    """A backend that says when the background compile reached it (`entered`), compiles only once the
+    test allows it (`go`), and counts the compiled graphs' runs per thread."""
+
+    def __init__(self, fail: bool = False):
+        self.entered, self.go, self.fail = threading.Event(), threading.Event(), fail
+        self.threads, self.runs = [], {"main": 0, "other": 0}
+        self.aot = aot_autograd(fw_compiler=self._counted, bw_compiler=self._counted)
+
+    def _counted(self, gm, _):
+        def run(*args):
+            self.runs["main" if threading.current_thread() is threading.main_thread() else "other"] += 1
+            return gm(*args)
+        return make_boxed_func(run)
+
+    def __call__(self, gm, example_inputs):
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.go.wait(120), "the test never let the compile finish"
+        if self.fail:
+            raise RuntimeError("injected backend failure")
+        return self.aot(gm, example_inputs)
+
+
+@pytest.fixture
+def gated(monkeypatch):
+    torch._dynamo.reset()
+    backend = _Gated()
+    monkeypatch.setattr(auto, "inner_backend", backend)
+    yield backend
+    backend.go.set()  # never leave a background thread waiting
+
+
+def _programs(m):
+    return [gm.meta["ac_auto"] for es in m._graphs.values() for e in es for gm in e.graphs.values()
+            if "ac_auto" in gm.meta]
+
+
+def _pair(dropout: float = 0.0):
+    base = tiny_llama(layers=1)
+    spec = ac.LoRA(r=4, targets=["q_proj", "v_proj"], init=False, dropout=dropout)
+    ref = ac.compile(base, spec, lowering="eager").train()
+    m = ac.compile(base, spec, lowering="auto").train()
+    m.load_adapter_state_dict(ref.adapter_state_dict())
+    return ref, m
+
+
+def _train(m, batch, steps: int, between=None):
+    """`steps` SGD steps from seed 1; `between(i)` runs after step i. (loss, grads) of each step."""
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(m.adapter_parameters(), lr=0.5)
+    out = []
+    for i in range(steps):
+        loss = m(**batch).loss
+        loss.backward()
+        out.append((loss.detach(), {k: g.clone() for k, g in adapter_grads_ours(m).items()}))
+        opt.step()
+        opt.zero_grad()
+        if between is not None:
+            between(i)
+    return out
+
+
+def _assert_same_run(got, want, rtol=1e-5, atol=1e-6):
+    assert len(got) == len(want)
+    for step, ((loss, grads), (want_loss, want_grads)) in enumerate(zip(got, want)):
+        assert_close(loss, want_loss, rtol, atol, what=f"step {step + 1} loss")
+        assert set(grads) == set(want_grads) and grads
+        for k in grads:
+            assert_close(grads[k], want_grads[k], rtol, atol, what=f"step {step + 1} grad {k}")
+
+
+def test_unknown_lowering_lists_auto():
+    with pytest.raises(AdapterError, match=r"lowering='autox' is not one of .*'auto'"):
+        ac.compile(tiny_llama(layers=1), ac.LoRA(r=2, targets=["q_proj"]), lowering="autox")
+
+
+def test_switch_keeps_the_numbers_of_eager_lowering_with_dropout(gated, monkeypatch, capsys):
+    """Steps 1-3 run eager while the compile is held open (so Dynamo's RNG save/restore spans them),
+    steps 4-6 the compiled graph: losses and every adapter gradient equal the eager lowering's, dropout
+    masks included, and the background compile ran nothing."""
+    monkeypatch.setattr(progress, "_interactive", lambda: True)  # the progress lines, as on a terminal
+    ref, m = _pair(dropout=0.3)
+    batch = token_batch(labels=True)
+    want = _train(ref, batch, 6)
+    graphs_before = counters["stats"]["unique_graphs"]
+
+    def between(i):
+        if i == 0:
+            assert gated.entered.wait(120)  # Dynamo has noted the RNG state: steps 2-3 draw after it
+        if i == 2:
+            program, = _programs(m)
+            assert (program.status, program.eager_calls, program.compiled_calls) == ("compiling", 3, 0)
+            assert counters["stats"]["unique_graphs"] == graphs_before
+            gated.go.set()
+            assert program.wait(120) and program.status == "compiled", program.status
+
+    got = _train(m, batch, 6, between)
+    _assert_same_run(got, want)
+    program, = _programs(m)
+    assert (program.eager_calls, program.compiled_calls, program.switched_at) == (3, 3, 4)
+    assert counters["stats"]["unique_graphs"] == graphs_before + 1  # compiled once, in the background
+    assert gated.threads == ["adapt_compiler-auto-compile"]
+    # the background compile ran no forward; the main thread ran the compiled graph from step 4 (the
+    # guard's first call: forward + its check's backward + the user's backward, then 2 × forward + backward)
+    assert gated.runs["other"] == 0 and gated.runs["main"] >= 6
+    rep = str(m.report())
+    assert "auto train/adapted#0: eager for calls 1-3 while Inductor compiled" in rep
+    assert "compiled from call 4 (3 calls so far)" in rep
+    assert "compiled graph train/adapted#0: checked against eager" in rep  # the guard checked the switch
+    err = capsys.readouterr().err
+    assert "compiling with Inductor in the background" in err and "call 4 onwards run it (3 ran eager)" in err
+
+
+def test_train_and_eval_graphs_switch_separately(gated):
+    ref, m = _pair()
+    batch = token_batch(labels=True)
+    _train(ref, batch, 1)
+    _train(m, batch, 1)
+    gated.go.set()
+    train_program, = _programs(m)
+    assert train_program.wait(120) and train_program.status == "compiled"
+    gated.entered.clear()
+    ref.eval(), m.eval()
+    with torch.no_grad():
+        want = ref(**batch).logits
+        first = m(**batch).logits  # eager: the eval graph's own compile starts now
+        eval_program = next(p for p in _programs(m) if p is not train_program)
+        assert eval_program.eager_calls == 1 and eval_program.wait(120) and eval_program.status == "compiled"
+        second = m(**batch).logits  # compiled
+    assert eval_program.compiled_calls == 1 and train_program.compiled_calls == 0
+    assert_close(first, want, what="eval before the switch")
+    assert_close(second, want, what="eval after the switch")
+    assert len(gated.threads) == 2 and gated.runs["other"] == 0
+
+
+def test_failed_background_compile_keeps_eager_and_says_why(gated):
+    gated.fail = True
+    ref, m = _pair()
+    batch = token_batch(labels=True)
+    want = _train(ref, batch, 3)
+
+    def between(i):
+        if i == 0:
+            gated.go.set()
+            program, = _programs(m)
+            assert program.wait(120) and program.status.startswith("failed")
+
+    with pytest.warns(auto.AutoCompileWarning, match=r"could not compile LlamaForCausalLM .*injected backend failure"):
+        got = _train(m, batch, 3, between)
+    _assert_same_run(got, want, rtol=0, atol=0)  # eager all along: bit for bit
+    program, = _programs(m)
+    assert (program.eager_calls, program.compiled_calls) == (3, 0)
+    assert "background compile failed: BackendCompilerFailed" in str(m.report())
+    assert "injected backend failure" in str(m.report())
+
+
+@pytest.mark.slow
+def test_inductor_switch_matches_eager_lowering():
+    """The real thing: Inductor in the background (about 15-30 s on 2 CPU cores)."""
+    torch._dynamo.reset()
+    counters.clear()
+    ref, m = _pair(dropout=0.1)
+    batch = token_batch(labels=True)
+    want = _train(ref, batch, 5)
+
+    def between(i):
+        if i == 1:
+            program, = _programs(m)
+            assert program.wait(600) and program.status == "compiled", program.status
+            assert counters["stats"]["unique_graphs"] == 1
+
+    got = _train(m, batch, 5, between)
+    _assert_same_run(got, want, rtol=1e-4, atol=1e-5)
+    program, = _programs(m)
+    assert program.eager_calls == 2 and program.compiled_calls == 3 and program.compile_s > 0
+    assert counters["stats"]["unique_graphs"] == 1  # nothing compiled on the main thread
+    check, = m._checks()
+    assert check[1].status == "passed" and check[1].lowering == "inductor"
