@@ -52,6 +52,11 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     (formats/). A single file can hold adapters for several models of a pipeline; the part that fits
     `model` is used, or the one `component=` names ("unet", "transformer", "text_encoder", ...).
 
+    `lowering`: "inductor" (default; the whole graph, compiled on the first call of each input structure),
+    "regional" (each distinct repeated block compiled once), "eager" (the FX graph as is, no compile),
+    "auto" (eager calls while the "inductor" graph compiles in a background thread, then that graph:
+    lowering/auto.py), or a torch.compile backend.
+
     `verify` (default on): the first call of each compiled graph is checked against the eager
     graph (outputs, and in training every adapter gradient); a graph that disagrees falls back to
     eager with a CompilerMismatchWarning. Costs one eager step per new graph.

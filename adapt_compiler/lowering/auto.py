@@ -27,7 +27,9 @@ How the background compile avoids touching the user's run:
 * The thread runs with the first call's grad mode, inference mode and autocast state (thread-local
   in torch), so Dynamo's guards accept the main thread's calls and nothing recompiles at the switch.
 
-A compile that fails leaves the graph on eager: a warning, and report() says why. Dynamo compiles
+A compile that fails leaves the graph on eager: a warning, and report() says why. A process that ends
+while a graph still compiles waits for that compile to finish (a daemon thread killed inside Inductor
+aborts the interpreter: "terminate called without an active exception"); Dynamo cannot cancel a compile. Dynamo compiles
 on a non-main thread (its frame callback is thread-local; compiles are serialised by its
 compile_lock), and graphs captured in another mode (train/eval) get their own background compile.
 """
@@ -202,7 +204,7 @@ class EagerUntilCompiled:
         self.status = "compiling"
         _say(f"{self.what}: compiling with Inductor in the background; calls run eager until it is ready", self.quiet)
         self._thread = threading.Thread(target=self._compile, args=(copies, modes),
-                                        name="adapt_compiler-auto-compile", daemon=True)
+                                        name="adapt_compiler-auto-compile", daemon=False)  # see the docstring
         self._thread.start()
 
     def _compile(self, copies, modes) -> None:
