@@ -160,6 +160,30 @@ def test_train_and_eval_graphs_switch_separately(gated):
     assert len(gated.threads) == 2 and gated.runs["other"] == 0
 
 
+def test_new_input_shapes_compile_in_the_background_too(gated):
+    """After the switch, a new sequence length runs eager while Dynamo recompiles in the background
+    (then dynamically, so a third length reuses that graph); nothing compiles on the main thread."""
+    ref, m = _pair()
+    gated.go.set()
+    short, longer, longest = (token_batch(labels=True, seq=n) for n in (7, 9, 11))
+    m(**short).loss.backward()
+    program, = _programs(m)
+    assert program.wait(120) and program.status == "compiled"
+    m(**short).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert (program.eager_calls, program.compiled_calls) == (1, 1)
+    out = m(**longer)  # new shape: eager, and a background compile for it
+    assert (program.eager_calls, program.compiled_calls, program.rewarms) == (2, 1, 1)
+    assert program.wait(120) and program.status == "compiled", program.status
+    outs = [m(**longer), m(**longest)]  # both compiled now: the recompile made the length dynamic
+    assert (program.eager_calls, program.compiled_calls, program.rewarms) == (2, 3, 1)
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and gated.runs["other"] == 0
+    with torch.no_grad():
+        for got, batch in zip([out, *outs], (longer, longer, longest)):
+            assert_close(got.logits, ref(**batch).logits, what=f"logits at seq {batch['input_ids'].shape[1]}")
+    assert "1 more background compile(s) for new input shapes" in str(m.report())
+
+
 def test_failed_background_compile_keeps_eager_and_says_why(gated):
     gated.fail = True
     ref, m = _pair()

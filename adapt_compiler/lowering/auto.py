@@ -49,6 +49,7 @@ from ..progress import is_quiet
 
 _RNG_LOCK = threading.RLock()  # eager calls vs. the end of a background compile (see the module docstring)
 _LOCAL = threading.local()  # .warming: this thread is a background compile; .rng: the states to put back
+MAX_REWARMS = 2  # background compiles for new input shapes after the first (then Dynamo recompiles in place)
 _LOCK_WAIT_S = 60.0  # a background compile never waits longer than this for the main thread's call to end
 
 # torch.export and Dynamo both save, set and restore torch's process-wide is_compiling flag: a capture
@@ -158,13 +159,22 @@ class EagerUntilCompiled:
         self.calls = self.eager_calls = self.compiled_calls = 0
         self.switched_at: int | None = None  # the (1-based) call that first ran the compiled graph
         self.compile_s: float | None = None
+        self.recompile_s: float | None = None  # the latest background compile for new shapes
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._warmed: set = set()  # input shapes compiled in the background
+        self.rewarms = 0  # background compiles after the first one (new input shapes)
         gm.meta["ac_auto"] = self
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        if self.status == "compiled" and not self._covered(_shapes(args, kwargs)) and self.rewarms < MAX_REWARMS:
+            # new input shapes: Dynamo would recompile them on this thread (its first compile specialised
+            # on the first call's shapes); compile them in the background too (Dynamo then makes the
+            # changed sizes dynamic, so later sizes reuse that graph) and stay eager meanwhile
+            self.rewarms += 1
+            self._start(args, kwargs)
         if self.status == "compiled":
             if self.switched_at is None:
                 self.switched_at = self.calls
@@ -193,6 +203,19 @@ class EagerUntilCompiled:
         with _RNG_LOCK:
             return self.gm(*args, **kwargs)
 
+    def _covered(self, shapes: tuple) -> bool:
+        """Whether a compiled graph serves these input shapes: they were compiled, or differ from compiled
+        ones only in sizes that already varied between background compiles (Dynamo made those dynamic),
+        and not to 0 or 1 (sizes Dynamo specialises on)."""
+        if shapes in self._warmed:
+            return True
+        varied = _varied(self._warmed)
+        for seen in self._warmed:
+            diff = _differing(seen, shapes)
+            if diff is not None and diff <= varied and all(shapes[i][d] > 1 for i, d in diff):
+                return True
+        return False
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the background compile is done (compiled or failed); whether it is. The switch
         itself happens on the next call."""
@@ -201,8 +224,12 @@ class EagerUntilCompiled:
     def _start(self, args, kwargs) -> None:
         copies = pytree.tree_map(_input_copy, (args, kwargs))
         modes = _thread_modes()  # read here, entered there
+        self._warmed.add(_shapes(args, kwargs))
         self.status = "compiling"
-        _say(f"{self.what}: compiling with Inductor in the background; calls run eager until it is ready", self.quiet)
+        self._ready.clear()
+        again = " again, for new input shapes" if self.rewarms else ""
+        _say(f"{self.what}: compiling with Inductor in the background{again}; calls run eager until it is ready",
+             self.quiet)
         self._thread = threading.Thread(target=self._compile, args=(copies, modes),
                                         name="adapt_compiler-auto-compile", daemon=False)  # see the docstring
         self._thread.start()
@@ -227,20 +254,41 @@ class EagerUntilCompiled:
         finally:
             _LOCAL.warming = False
             _release_rng()
-        self.compile_s = time.perf_counter() - start
+        self.compile_s = time.perf_counter() - start if not self.rewarms else self.compile_s
+        if self.rewarms:
+            self.recompile_s = time.perf_counter() - start
         self.status = "compiled" if why is None else f"failed: {why}"
         self._ready.set()
 
     def summary(self) -> str:
         """One line for report()."""
-        if self.status == "compiled" and self.switched_at is not None:
+        again = (f"; {self.rewarms} more background compile(s) for new input shapes, the latest "
+                 f"{'still running' if self.recompile_s is None or self.status == 'compiling' else f'{self.recompile_s:.1f} s'}"
+                 if self.rewarms else "")
+        if self.switched_at is not None and not self.status.startswith("failed"):
             return (f"eager for calls 1-{self.switched_at - 1} while Inductor compiled ({self.compile_s:.1f} s), "
-                    f"compiled from call {self.switched_at} ({self.compiled_calls} calls so far)")
+                    f"compiled from call {self.switched_at} ({self.compiled_calls} calls so far){again}")
         if self.status == "compiled":
             return f"compiled by Inductor in {self.compile_s:.1f} s; switches on the next call ({self.eager_calls} ran eager)"
         if self.status.startswith("failed"):
             return f"background compile {self.status}; every call runs eager ({self.eager_calls} so far)"
         return f"{self.status}; {self.eager_calls} calls ran eager so far"
+
+
+def _shapes(args, kwargs) -> tuple:
+    return tuple(tuple(x.shape) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor))
+
+
+def _differing(a: tuple, b: tuple) -> set | None:
+    """(input, dim) positions where two shape tuples differ; None if their structure differs."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return None
+    return {(i, d) for i, (x, y) in enumerate(zip(a, b)) for d, (p, q) in enumerate(zip(x, y)) if p != q}
+
+
+def _varied(shapes: set) -> set:
+    seen = list(shapes)
+    return {pos for i, a in enumerate(seen) for b in seen[i + 1:] for pos in (_differing(a, b) or ())}
 
 
 def _reason(e: BaseException) -> str:
