@@ -13,6 +13,7 @@ from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
 from .generation_export import GenerationPrograms, export_generation, package_generation
 from .lowering import LOWERINGS
+from .lowering.auto import unavailable as auto_unavailable
 from .lowering.backend import make_backend
 from .integrations.adapted_class import adapted_class
 from .module import AdaptedModule
@@ -78,6 +79,9 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     if lowering not in LOWERINGS and not callable(lowering):
         raise AdapterError(f"compile(): lowering={lowering!r} is not one of {LOWERINGS} or a torch.compile backend "
                            f"(a callable).")
+    if lowering == "auto" and (why := auto_unavailable()):
+        raise AdapterError(f"compile(): lowering='auto' is not available here: {why}. Use lowering='inductor' (compile "
+                           f"before the first step) or 'eager' (no compile).")
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
                                       or not 0 < memory_budget <= 1):
         raise AdapterError(f"compile(): memory_budget={memory_budget!r} must be a number in (0, 1] (the share of "

@@ -4,6 +4,12 @@ Most tests inject a cheap compiler (AOTAutograd with the graphs run as they are)
 background compile, gated by events: the test decides when the compile may finish, so "eager
 before, compiled after" is asserted by call counts and Dynamo's counters, not by timing, and the
 eager steps provably run while the compile is in progress. One slow test compiles with Inductor.
+
+torch 2.13 patches nn.Module.__call__ for every thread while FX traces, and AOTAutograd traces with FX
+on every compile, so ac.compile refuses lowering="auto" there (auto.unavailable()). These tests enable
+it anyway (ADAPT_COMPILER_AUTO_UNSAFE=1) and keep the hazard out by construction: the gate holds the
+background compile before AOTAutograd until the main thread waits for it, so no module is called on
+the main thread while FX traces.
 """
 
 from __future__ import annotations
@@ -28,10 +34,16 @@ class _Gated:
     """A backend that says when the background compile reached it (`entered`), compiles only once the
     test allows it (`go`), and counts the compiled graphs' runs per thread."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, inner=None):
         self.entered, self.go, self.fail = threading.Event(), threading.Event(), fail
         self.threads, self.runs = [], {"main": 0, "other": 0}
-        self.aot = aot_autograd(fw_compiler=self._counted, bw_compiler=self._counted)
+        self.aot = inner or aot_autograd(fw_compiler=self._counted, bw_compiler=self._counted)
+
+    def finish(self, program) -> None:
+        """Let the compile go on while this (the main) thread only waits for it; gate the next one."""
+        self.go.set()
+        assert program.wait(600), "the background compile did not finish"
+        self.go.clear()
 
     def _counted(self, gm, _):
         def run(*args):
@@ -51,6 +63,7 @@ class _Gated:
 @pytest.fixture
 def gated(monkeypatch):
     torch._dynamo.reset()
+    monkeypatch.setenv("ADAPT_COMPILER_AUTO_UNSAFE", "1")  # see the module docstring
     backend = _Gated()
     monkeypatch.setattr(auto, "inner_backend", backend)
     yield backend
@@ -101,6 +114,20 @@ def test_unknown_lowering_lists_auto():
         ac.compile(tiny_llama(layers=1), ac.LoRA(r=2, targets=["q_proj"]), lowering="autox")
 
 
+def test_auto_is_refused_where_fx_tracing_patches_every_thread():
+    """The probe traces a module on another thread and calls one here meanwhile; where that call lands in
+    the other thread's tracer (torch 2.13), lowering="auto" is refused up front, with the reason."""
+    isolated = auto._fx_tracing_isolated()
+    model, spec = tiny_llama(layers=1), ac.LoRA(r=2, targets=["q_proj"])
+    if isolated:
+        assert auto.unavailable() is None
+        ac.compile(model, spec, lowering="auto")
+    else:
+        with pytest.raises(AdapterError, match=r"lowering='auto' is not available here: .*pytorch/pytorch#187589.*"
+                                               r"lowering='inductor'"):
+            ac.compile(model, spec, lowering="auto")
+
+
 def test_switch_keeps_the_numbers_of_eager_lowering_with_dropout(gated, monkeypatch, capsys):
     """Steps 1-3 run eager while the compile is held open (so Dynamo's RNG save/restore spans them),
     steps 4-6 the compiled graph: losses and every adapter gradient equal the eager lowering's, dropout
@@ -118,8 +145,8 @@ def test_switch_keeps_the_numbers_of_eager_lowering_with_dropout(gated, monkeypa
             program, = _programs(m)
             assert (program.status, program.eager_calls, program.compiled_calls) == ("compiling", 3, 0)
             assert counters["stats"]["unique_graphs"] == graphs_before
-            gated.go.set()
-            assert program.wait(120) and program.status == "compiled", program.status
+            gated.finish(program)
+            assert program.status == "compiled", program.status
 
     got = _train(m, batch, 6, between)
     _assert_same_run(got, want)
@@ -143,16 +170,17 @@ def test_train_and_eval_graphs_switch_separately(gated):
     batch = token_batch(labels=True)
     _train(ref, batch, 1)
     _train(m, batch, 1)
-    gated.go.set()
     train_program, = _programs(m)
-    assert train_program.wait(120) and train_program.status == "compiled"
-    gated.entered.clear()
+    gated.finish(train_program)
+    assert train_program.status == "compiled"
     ref.eval(), m.eval()
     with torch.no_grad():
         want = ref(**batch).logits
         first = m(**batch).logits  # eager: the eval graph's own compile starts now
         eval_program = next(p for p in _programs(m) if p is not train_program)
-        assert eval_program.eager_calls == 1 and eval_program.wait(120) and eval_program.status == "compiled"
+        assert eval_program.eager_calls == 1
+        gated.finish(eval_program)
+        assert eval_program.status == "compiled"
         second = m(**batch).logits  # compiled
     assert eval_program.compiled_calls == 1 and train_program.compiled_calls == 0
     assert_close(first, want, what="eval before the switch")
@@ -164,17 +192,18 @@ def test_new_input_shapes_compile_in_the_background_too(gated):
     """After the switch, a new sequence length runs eager while Dynamo recompiles in the background
     (then dynamically, so a third length reuses that graph); nothing compiles on the main thread."""
     ref, m = _pair()
-    gated.go.set()
     short, longer, longest = (token_batch(labels=True, seq=n) for n in (7, 9, 11))
     m(**short).loss.backward()
     program, = _programs(m)
-    assert program.wait(120) and program.status == "compiled"
+    gated.finish(program)
+    assert program.status == "compiled"
     m(**short).loss.backward()
     graphs = counters["stats"]["unique_graphs"]
     assert (program.eager_calls, program.compiled_calls) == (1, 1)
     out = m(**longer)  # new shape: eager, and a background compile for it
     assert (program.eager_calls, program.compiled_calls, program.rewarms) == (2, 1, 1)
-    assert program.wait(120) and program.status == "compiled", program.status
+    gated.finish(program)
+    assert program.status == "compiled", program.status
     outs = [m(**longer), m(**longest)]  # both compiled now: the recompile made the length dynamic
     assert (program.eager_calls, program.compiled_calls, program.rewarms) == (2, 3, 1)
     assert counters["stats"]["unique_graphs"] == graphs + 1 and gated.runs["other"] == 0
@@ -192,9 +221,9 @@ def test_failed_background_compile_keeps_eager_and_says_why(gated):
 
     def between(i):
         if i == 0:
-            gated.go.set()
             program, = _programs(m)
-            assert program.wait(120) and program.status.startswith("failed")
+            gated.finish(program)
+            assert program.status.startswith("failed")
 
     with pytest.warns(auto.AutoCompileWarning, match=r"could not compile LlamaForCausalLM .*injected backend failure"):
         got = _train(m, batch, 3, between)
@@ -206,10 +235,14 @@ def test_failed_background_compile_keeps_eager_and_says_why(gated):
 
 
 @pytest.mark.slow
-def test_inductor_switch_matches_eager_lowering():
-    """The real thing: Inductor in the background (about 15-30 s on 2 CPU cores)."""
+def test_inductor_switch_matches_eager_lowering(monkeypatch):
+    """The real thing: Inductor in the background (about 15-30 s on 2 CPU cores), gated as above."""
     torch._dynamo.reset()
     counters.clear()
+    monkeypatch.setenv("ADAPT_COMPILER_AUTO_UNSAFE", "1")
+    inductor = torch._TorchCompileInductorWrapper(None, {"fallback_random": True}, None)  # what auto compiles with
+    gated = _Gated(inner=inductor)
+    monkeypatch.setattr(auto, "inner_backend", gated)
     ref, m = _pair(dropout=0.1)
     batch = token_batch(labels=True)
     want = _train(ref, batch, 5)
@@ -217,7 +250,10 @@ def test_inductor_switch_matches_eager_lowering():
     def between(i):
         if i == 1:
             program, = _programs(m)
-            assert program.wait(600) and program.status == "compiled", program.status
+            assert gated.entered.wait(120)
+            assert counters["stats"]["unique_graphs"] == 0
+            gated.finish(program)
+            assert program.status == "compiled", program.status
             assert counters["stats"]["unique_graphs"] == 1
 
     got = _train(m, batch, 5, between)

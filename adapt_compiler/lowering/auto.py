@@ -37,6 +37,7 @@ compile_lock), and graphs captured in another mode (train/eval) get their own ba
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import time
@@ -75,6 +76,56 @@ def tracing_here() -> bool:
     return torch.compiler.is_dynamo_compiling() or (
         torch.compiler.is_compiling() and not (_IN_FLIGHT[0] and not getattr(_LOCAL, "warming", False)
                                                and not torch.compiler.is_exporting()))
+
+
+_ISOLATED: list = []  # the probe's answer, once per process
+
+
+def unavailable() -> str | None:
+    """Why lowering="auto" cannot run safely with this torch, or None.
+
+    FX tracing patches `nn.Module.__call__` process-wide while it traces, and AOTAutograd traces with
+    FX (make_fx, record_module_stack=True) on every compile: in a background compile, any module the
+    training thread calls meanwhile enters that tracer and fails ("module is not installed as a
+    submodule"; seen in benchmarks/auto_switch.py runs). pytorch/pytorch#187589 makes the patch
+    thread-local; torch 2.13 does not have it. The probe traces a module on another thread and calls
+    a module here while that trace runs. ADAPT_COMPILER_AUTO_UNSAFE=1 skips the refusal (measurements)."""
+    if os.environ.get("ADAPT_COMPILER_AUTO_UNSAFE"):
+        return None
+    if not _ISOLATED:
+        _ISOLATED.append(_fx_tracing_isolated())
+    if _ISOLATED[0]:
+        return None
+    return (f"torch {torch.__version__} patches nn.Module.__call__ for every thread while FX traces (AOTAutograd "
+            f"does, on every compile), so a compile in a background thread breaks the module calls of your training "
+            f"loop; a torch with pytorch/pytorch#187589 (FX patches isolated per thread) is needed")
+
+
+def _fx_tracing_isolated() -> bool:
+    inside, done = threading.Event(), threading.Event()
+
+    class Traced(torch.nn.Module):
+        def forward(self, x):
+            inside.set()
+            done.wait(10)
+            return x
+
+    class Called(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    tracer = threading.Thread(target=lambda: torch.fx.symbolic_trace(Traced()), daemon=True)
+    tracer.start()
+    try:
+        if not inside.wait(10):
+            return False
+        try:
+            return isinstance(Called()(torch.zeros(1)), torch.Tensor)  # the original __call__, not the tracer
+        except Exception:  # noqa: BLE001 - the other thread's tracer took this call
+            return False
+    finally:
+        done.set()
+        tracer.join(10)
 
 
 class _Compiled(Exception):
