@@ -15,6 +15,10 @@ printed; JSON lines are appended to --out.
 
 On a machine shared with other jobs the numbers are noisy: compare lowerings within one invocation
 (they run back to back) and rerun on a quiet machine before quoting.
+
+"auto" runs with ADAPT_COMPILER_AUTO_UNSAFE=1: on torch 2.13 ac.compile refuses it (FX tracing in the
+background compile patches nn.Module.__call__ for the training thread too), and a run can fail with
+"NameError: module is not installed as a submodule"; the table shows such a run as ERROR.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def one(lowering: str, model_name: str, steps: int, max_s: float) -> dict:
 def run_child(lowering: str, model_name: str, steps: int, max_s: float) -> dict:
     cache = tempfile.mkdtemp(prefix="ac_auto_cache_")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TORCHINDUCTOR_CACHE_DIR=cache,
-               TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore", ADAPT_COMPILER_QUIET="1")
+               TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore", ADAPT_COMPILER_QUIET="1",
+               ADAPT_COMPILER_AUTO_UNSAFE="1")  # measure "auto" where ac.compile refuses it (torch 2.13: see auto.py)
     cmd = [sys.executable, "-m", "benchmarks.auto_switch", "one", "--lowering", lowering, "--models", model_name,
            "--steps", str(steps), "--max-s", str(max_s)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
