@@ -15,8 +15,8 @@ How the background compile avoids touching the user's run:
   `_Compiled` instead of running when called from that thread: no forward, no dropout draws, no
   buffer updates (BatchNorm statistics), no autograd graph over the user's parameters. AOTAutograd
   compiles the backward lazily on the first backward; the thread asks for it now
-  (`force_non_lazy_backward_lowering`, without donated buffers: the guard's check and users'
-  `retain_graph=True` need them kept), so the first compiled training step does not compile.
+  (`force_non_lazy_backward_lowering`, without donated buffers, as under the guard's
+  `retain_graph=True`), so the first compiled training step does not compile.
 * Dynamo saves the global RNG states (torch's, Python's `random`) when it starts compiling and
   restores them when it is done (convert_frame.preserve_global_state): after a compile of tens of
   seconds, that rewinds every random number the main thread drew meanwhile (dropout masks of the
@@ -27,11 +27,21 @@ How the background compile avoids touching the user's run:
 * The thread runs with the first call's grad mode, inference mode and autocast state (thread-local
   in torch), so Dynamo's guards accept the main thread's calls and nothing recompiles at the switch.
 
+* torch.compiler.is_compiling() is one process-wide flag, True for a whole compile: `tracing_here()`
+  is what the module asks instead, and captures/exports wait for a running background compile
+  (torch.export saves and restores the same flag; interleaved, it could stay set).
+* New input shapes after the switch run eager while Dynamo recompiles in the background (at most
+  MAX_REWARMS times; the recompile makes the varied sizes dynamic, `_covered`).
+
+Not safe on torch 2.13, so ac.compile refuses it there (`unavailable()`): FX tracing patches
+nn.Module.__call__ for every thread, and AOTAutograd traces with FX on every compile, so the training
+thread's module calls can land in the background tracer (pytorch/pytorch#187589 fixes it upstream).
+
 A compile that fails leaves the graph on eager: a warning, and report() says why. A process that ends
 while a graph still compiles waits for that compile to finish (a daemon thread killed inside Inductor
-aborts the interpreter: "terminate called without an active exception"); Dynamo cannot cancel a compile. Dynamo compiles
-on a non-main thread (its frame callback is thread-local; compiles are serialised by its
-compile_lock), and graphs captured in another mode (train/eval) get their own background compile.
+aborts the interpreter: "terminate called without an active exception"); Dynamo cannot cancel a
+compile. Dynamo's frame callback is thread-local and its compiles are serialised by its compile_lock;
+graphs captured in another mode (train/eval) get their own background compile.
 """
 
 from __future__ import annotations
