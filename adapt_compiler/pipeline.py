@@ -119,7 +119,8 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     budget = None if table.recompute.by_blocks else table.recompute.memory_budget
     if how == "eager":
         return lowering.lower(gm, how, memory_budget=budget)
-    compiled_graph = for_inductor(gm) if how in ("inductor", "regional", "auto") else gm  # known Inductor bugs, worked around
+    # known Inductor bugs, worked around
+    compiled_graph = for_inductor(gm) if how in ("inductor", "regional", "auto") else gm
     what = f"{type(table.model).__name__} ({'train' if gm.meta['ac_training'] else 'eval'}, {gm.meta['ac_variant']})"
     # the compiled graph draws the same random numbers as the eager one (aten's generator), so
     # the check can compare training graphs with dropout, and a seed gives PEFT's masks; "auto"

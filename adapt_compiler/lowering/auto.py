@@ -149,7 +149,8 @@ class AutoCompileWarning(UserWarning):
 def compile_whole(gm, options: dict | None):
     """The whole-graph Inductor lowering (torch.compile(gm, dynamic=None), as `_whole`) through a
     backend that compiles without running when called from a background compile."""
-    inner = inner_backend or torch._TorchCompileInductorWrapper(None, options or None, None)  # torch.compile's own
+    # torch.compile(gm, options=...)'s own Inductor backend
+    inner = inner_backend or torch._TorchCompileInductorWrapper(None, options or None, None)
     return torch.compile(gm, backend=_warmable(inner), dynamic=None)
 
 
@@ -323,14 +324,16 @@ class EagerUntilCompiled:
 
     def summary(self) -> str:
         """One line for report()."""
-        again = (f"; {self.rewarms} more background compile(s) for new input shapes, the latest "
-                 f"{'still running' if self.recompile_s is None or self.status == 'compiling' else f'{self.recompile_s:.1f} s'}"
-                 if self.rewarms else "")
+        running = self.recompile_s is None or self.status == "compiling"
+        latest = "still running" if running else f"{self.recompile_s:.1f} s"
+        again = f"; {self.rewarms} more background compile(s) for new input shapes, the latest {latest}" \
+            if self.rewarms else ""
         if self.switched_at is not None and not self.status.startswith("failed"):
             return (f"eager for calls 1-{self.switched_at - 1} while Inductor compiled ({self.compile_s:.1f} s), "
                     f"compiled from call {self.switched_at} ({self.compiled_calls} calls so far){again}")
         if self.status == "compiled":
-            return f"compiled by Inductor in {self.compile_s:.1f} s; switches on the next call ({self.eager_calls} ran eager)"
+            return (f"compiled by Inductor in {self.compile_s:.1f} s; switches on the next call "
+                    f"({self.eager_calls} ran eager)")
         if self.status.startswith("failed"):
             return f"background compile {self.status}; every call runs eager ({self.eager_calls} so far)"
         return f"{self.status}; {self.eager_calls} calls ran eager so far"
