@@ -14,6 +14,7 @@ from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
 from .generation_export import GenerationPrograms, export_generation, package_generation
 from .lowering import LOWERINGS
+from .lowering.auto import unavailable as auto_unavailable
 from .lowering.backend import make_backend
 from .integrations.adapted_class import adapted_class
 from .integrations.peft_surface import spec_of
@@ -56,6 +57,11 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     (formats/). A single file can hold adapters for several models of a pipeline; the part that fits
     `model` is used, or the one `component=` names ("unet", "transformer", "text_encoder", ...).
 
+    `lowering`: "inductor" (default; the whole graph, compiled on the first call of each input structure),
+    "regional" (each distinct repeated block compiled once), "eager" (the FX graph as is, no compile),
+    "auto" (eager calls while the "inductor" graph compiles in a background thread, then that graph:
+    lowering/auto.py), or a torch.compile backend.
+
     `verify` (default on): the first call of each compiled graph is checked against the eager
     graph (outputs, and in training every adapter gradient); a graph that disagrees falls back to
     eager with a CompilerMismatchWarning. Costs one eager step per new graph.
@@ -82,6 +88,9 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     if lowering not in LOWERINGS and not callable(lowering):
         raise AdapterError(f"compile(): lowering={lowering!r} is not one of {LOWERINGS} or a torch.compile backend "
                            f"(a callable).")
+    if lowering == "auto" and (why := auto_unavailable()):
+        raise AdapterError(f"compile(): lowering='auto' is not available here: {why}. Use lowering='inductor' (compile "
+                           f"before the first step) or 'eager' (no compile).")
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
                                       or not 0 < memory_budget <= 1):
         raise AdapterError(f"compile(): memory_budget={memory_budget!r} must be a number in (0, 1] (the share of "

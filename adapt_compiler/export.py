@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import _dynamic_shapes, _explain
 from .errors import AdapterError, ExportError
+from .lowering.auto import no_background_compile
 from .module import AdaptedModule
 from .names import ADAPTER_PREFIXES, graph_target, saved_target, slot_target
 from .passes import method_for
@@ -129,7 +130,8 @@ def _eval_mode(m: nn.Module):
 def _torch_export(module: nn.Module, args, kwargs, dynamic: bool, what: str):
     shapes = _dynamic_shapes(module, args, kwargs) if dynamic else None
     try:
-        return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
+        with no_background_compile():  # lowering="auto": torch.export and Dynamo share a process-wide flag
+            return torch.export.export(module, args, kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as err:  # noqa: BLE001 - re-raised with the module and the fix
         raise ExportError(f"export ({what}): {_explain(module, err)}") from err
 
@@ -168,7 +170,8 @@ def export_program(m, args=(), kwargs=None, merge: bool = True, dynamic: bool = 
             # inputs to its forward signature (the captured input names)
             shapes = _dynamic_shapes(gm, args, kwargs) if dynamic else None
             try:
-                ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
+                with no_background_compile():
+                    ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
             except Exception as err:  # noqa: BLE001
                 raise ExportError(f"export (unmerged): {_explain(m.table.model, err)}") from err
         _snapshot(ep)

@@ -32,8 +32,9 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from .capture import capture
+from .pipeline import capture  # capture.capture, never during a background compile (lowering/auto.py)
 from .errors import ExportError
+from .lowering.auto import no_background_compile
 from .export import _atomic_path, _check_module, _eval_mode, _snapshot, _target, is_unmerged
 from .integrations.generation import CACHE_BUCKET
 from .lowering.step import FlatStep
@@ -117,7 +118,9 @@ def _flat_program(m, kwargs: dict, merge: bool, prompt_dim: Dim | None):
     shapes = tuple({1: prompt_dim} if prompt_dim is not None and n in ("input_ids", "position_ids") else None
                    for n in names)
     try:
-        ep = torch.export.export(step.gm, tuple(tensors), dynamic_shapes=shapes if prompt_dim else None, strict=False)
+        with no_background_compile():  # lowering="auto": torch.export and Dynamo share a process-wide flag
+            ep = torch.export.export(step.gm, tuple(tensors), dynamic_shapes=shapes if prompt_dim else None,
+                                     strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with what was exported
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ExportError(f"export(generate=True): torch.export failed on the {'prefill' if prompt_dim else 'decode'} "

@@ -37,6 +37,7 @@ from .integrations.peft_surface import PeftSurface, autocast_adapter, check_load
 from .integrations.trainer import check_driving_trainer
 from .lowering import lowering_name
 from .lowering import merge as merging
+from .lowering.auto import tracing_here
 from .lowering.mixed import check_adapter_names
 from .lowering.plan import decisions_of
 from .lowering.pool import AdapterPool, pool_indices
@@ -415,7 +416,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args, adapter_names=None, **kwargs):
         routed = routed_forward(self)  # a client replaced get_base_model().forward (TRL): PeftModel calls it
-        if routed is not None and not torch.compiler.is_compiling():
+        if routed is not None and not tracing_here():
             extra = {} if adapter_names is None else {"adapter_names": adapter_names}
             return routed(*args, **extra, **kwargs)
         return self._forward_at("", args, kwargs, adapter_names)
@@ -426,7 +427,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         encoder view with the model's own parameter names, integrations/generation.py), where
         `expects(fqn)` says which target layers that graph must run (others may be absent from it)."""
         kwargs = lift_scalar_inputs(kwargs)
-        if torch.compiler.is_compiling():  # torch.compile(m): Dynamo traces the graph an eager call built
+        if tracing_here():  # torch.compile(m): Dynamo traces the graph an eager call built
             return self._traced_forward(args, kwargs, adapter_names, _root_name(root))
         if self.training:
             check_driving_trainer(self)  # Trainer options we cannot honour, refused by name
@@ -694,8 +695,11 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
                        for w in gm.meta.get("ac_workarounds", ())]
         regions = [line for es in self._graphs.values() for e in es for gm in e.graphs.values()
                    for line in region_lines(gm.meta.get("ac_regions"))]
+        auto = [f"{'train' if training else 'eval'}/{variant}#{i}: {e.graphs[variant, k].meta['ac_auto'].summary()}"
+                for (_, training, _), es in self._graphs.items() for i, e in enumerate(es)
+                for (variant, k) in e.lowered if "ac_auto" in e.graphs[variant, k].meta]  # lowering="auto": the switch
         rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions,
-                           self.__dict__.get("_compile_cache_line"))  # absent in pickles made before it
+                           self.__dict__.get("_compile_cache_line"), auto)  # absent in pickles made before it
         if print_table:
             rep.print()
         return rep

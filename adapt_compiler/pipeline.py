@@ -36,10 +36,12 @@ import os
 
 from torch import fx, nn
 
-from .capture import Captured, capture
+from .capture import Captured
+from .capture import capture as _capture
 from .names import POOL, SAVED, SLOTS, attach, graph_target
 from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_saved_modules
 from . import lowering
+from .lowering.auto import EagerUntilCompiled, no_background_compile
 from .lowering.batching import batch_parameter_transforms
 from .lowering.guard import guard
 from .lowering.merge import tied_layers
@@ -53,6 +55,13 @@ from .table import AdapterTable
 VARIANTS = ("adapted", "mixed", "merged", "disabled")
 
 __all__ = ["VARIANTS", "build", "capture", "lower", "lower_flat"]
+
+
+def capture(*args, **kwargs) -> Captured:
+    """capture.capture, never while a graph compiles in the background (lowering/auto.py: torch.export
+    and Dynamo share a process-wide flag)."""
+    with no_background_compile():
+        return _capture(*args, **kwargs)
 
 
 def build(captured: Captured, table: AdapterTable, variant: str, expects=None) -> fx.GraphModule:
@@ -105,24 +114,29 @@ def _slot_layers(table: AdapterTable, only=None) -> dict:
 def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     """The callable that runs `gm`: compiled as `how` says. Unless `how` is "eager" or `verify` is
     off, its first call is checked against the FX graph itself (lowering/guard.py), and a graph
-    that disagrees falls back to eager with a warning."""
+    that disagrees falls back to eager with a warning. "auto": `gm` itself serves the calls until
+    the "inductor" lowering of it is compiled in the background; then that does (first call checked)."""
     budget = None if table.recompute.by_blocks else table.recompute.memory_budget
     if how == "eager":
         return lowering.lower(gm, how, memory_budget=budget)
-    compiled_graph = for_inductor(gm) if how in ("inductor", "regional") else gm  # known Inductor bugs, worked around
-    if not verify:
-        return lowering.lower(compiled_graph, how, memory_budget=budget)
-    # the compiled graph draws the same random numbers as the eager one (aten's generator), so
-    # the check can compare training graphs with dropout, and a seed gives PEFT's masks
-    options = {"fallback_random": True}
+    # known Inductor bugs, worked around
+    compiled_graph = for_inductor(gm) if how in ("inductor", "regional", "auto") else gm
     what = f"{type(table.model).__name__} ({'train' if gm.meta['ac_training'] else 'eval'}, {gm.meta['ac_variant']})"
-    return guard(
-        gm, lowering.lower(compiled_graph, how, options, memory_budget=budget), lowering.lowering_name(how),
+    # the compiled graph draws the same random numbers as the eager one (aten's generator), so
+    # the check can compare training graphs with dropout, and a seed gives PEFT's masks; "auto"
+    # always does, so a run's numbers do not change when it switches from eager to compiled
+    options = {"fallback_random": True} if verify or how == "auto" else None
+    compiled = lowering.lower(compiled_graph, how, options, memory_budget=budget)
+    served = compiled if not verify else guard(
+        gm, compiled, lowering.lowering_name("inductor" if how == "auto" else how),
         tensors=lambda: [(f"{a}:{where}.{p}", t) for a, where, p, t in table.tensors()],
         buffers=lambda: [t for t in table.frozen.values() if not isinstance(t, nn.Parameter)],
         fallbacks=[("eager", lambda: gm)],
         what=what,
     )
+    if how == "auto":  # eager calls until a background thread has compiled it (lowering/auto.py)
+        return EagerUntilCompiled(gm, compiled, served, what)
+    return served
 
 
 def lower_flat(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True) -> FlatStep:

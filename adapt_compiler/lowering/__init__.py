@@ -9,6 +9,7 @@
     merge.py      fold adapters into the weights
     dynamic.py    whole-graph compiles dynamic from the first call (one compile for every batch/length)
     regional.py   lowering="regional": each distinct repeated block compiled once (aot_region.py)
+    auto.py       lowering="auto": eager calls while the whole graph compiles in a background thread
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references
 
@@ -24,11 +25,12 @@ from torch import fx
 
 from . import kernels
 
-LOWERINGS = ("inductor", "regional", "eager")
+LOWERINGS = ("inductor", "regional", "eager", "auto")
 
 
 def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: float | None = None):
-    """`how`: "inductor", "regional", "eager", or any torch.compile backend (a callable). `options`: Inductor
+    """`how`: "inductor", "regional", "eager", "auto" (compiled as "inductor"; pipeline.lower serves eager
+    calls until it is compiled), or any torch.compile backend (a callable). `options`: Inductor
     config for this graph only. `memory_budget` (Inductor): AOTAutograd's activation memory budget
     for this graph, the fraction of activation memory its partitioner may keep (it recomputes the
     cheapest rest in the backward)."""
@@ -37,6 +39,10 @@ def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: f
     if how == "inductor":
         compiled = _whole(gm, options)
         return _with_memory_budget(compiled, memory_budget, checkpointed=_checkpoints(gm))
+    if how == "auto":  # the whole graph as "inductor"; the pipeline runs eager until it is compiled (auto.py)
+        from .auto import compile_whole
+
+        return _with_memory_budget(compile_whole(gm, options), memory_budget, checkpointed=_checkpoints(gm))
     if how == "regional":
         from .regional import lower_regional
 
