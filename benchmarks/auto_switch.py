@@ -27,10 +27,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from benchmarks import child
 
 LOWERINGS = ("eager", "inductor", "auto")
 MODELS = {"tiny": (64, 128, 2), "small": (256, 512, 4)}
@@ -83,18 +83,10 @@ def one(lowering: str, model_name: str, steps: int, max_s: float) -> dict:
 
 def run_child(lowering: str, model_name: str, steps: int, max_s: float) -> dict:
     cache = tempfile.mkdtemp(prefix="ac_auto_cache_")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TORCHINDUCTOR_CACHE_DIR=cache,
-               TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore", ADAPT_COMPILER_QUIET="1",
-               ADAPT_COMPILER_AUTO_UNSAFE="1")  # measure "auto" where ac.compile refuses it (torch 2.13: see auto.py)
-    cmd = [sys.executable, "-m", "benchmarks.auto_switch", "one", "--lowering", lowering, "--models", model_name,
-           "--steps", str(steps), "--max-s", str(max_s)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
-    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
-    if p.returncode or not lines:
-        return {"lowering": lowering, "model": model_name, "error": (p.stderr or p.stdout)[-1500:]}
-    res = json.loads(lines[-1])
-    res["load1"] = os.getloadavg()[0]
-    return res
+    return child.run_child("benchmarks.auto_switch", ["--lowering", lowering, "--models", model_name, "--steps",
+                                                      str(steps), "--max-s", str(max_s)],
+                           cache, {"lowering": lowering, "model": model_name}, threads="1",
+                           ADAPT_COMPILER_AUTO_UNSAFE="1")  # measure "auto" where ac.compile refuses it (auto.py)
 
 
 def table(rows: list[dict]) -> str:

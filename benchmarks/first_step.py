@@ -32,10 +32,10 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from benchmarks import child
 
 VARIANTS = ("inductor", "regional", "peft_compile", "peft_eager")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -107,17 +107,9 @@ def one(variant: str, layers: int, steady: int, small: bool) -> dict:
 
 
 def run_child(variant: str, layers: int, cache: str, steady: int, small: bool) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), TORCHINDUCTOR_CACHE_DIR=cache,
-               TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore", ADAPT_COMPILER_QUIET="1")
-    cmd = [sys.executable, "-m", "benchmarks.first_step", "one", "--variant", variant, "--layers", str(layers),
-           "--steady", str(steady), *(["--small"] if small else [])]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
-    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
-    if p.returncode or not lines:
-        return {"variant": variant, "layers": layers, "error": (p.stderr or p.stdout)[-1500:]}
-    res = json.loads(lines[-1])
-    res["load1"] = os.getloadavg()[0]
-    return res
+    return child.run_child("benchmarks.first_step", ["--variant", variant, "--layers", str(layers), "--steady",
+                                                     str(steady), *(["--small"] if small else [])],
+                           cache, {"variant": variant, "layers": layers})
 
 
 def table(rows: list[dict]) -> str:

@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
+from benchmarks import child
 from benchmarks.first_step import TARGETS, _cpu_s
 
 
@@ -85,17 +84,9 @@ def one(run: str, layers: int, small: bool, adapter_dir: str, lowering: str) -> 
 
 
 def run_child(run: str, layers: int, small: bool, adapter_dir: str, cache: str, lowering: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), TORCHINDUCTOR_CACHE_DIR=cache,
-               TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore", ADAPT_COMPILER_QUIET="1")
-    cmd = [sys.executable, "-m", "benchmarks.warm_start", "one", "--run", run, "--layers", str(layers),
-           "--adapter-dir", adapter_dir, "--lowering", lowering, *(["--small"] if small else [])]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
-    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
-    if p.returncode or not lines:
-        return {"run": run, "layers": layers, "error": (p.stderr or p.stdout)[-1500:]}
-    res = json.loads(lines[-1])
-    res["load1"] = os.getloadavg()[0]
-    return res
+    return child.run_child("benchmarks.warm_start", ["--run", run, "--layers", str(layers), "--adapter-dir",
+                                                     adapter_dir, "--lowering", lowering, *(["--small"] if small else [])],
+                           cache, {"run": run, "layers": layers})
 
 
 def table(rows: list[dict]) -> str:

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 import adapt_compiler as ac
 from adapt_compiler.counters import COUNTERS
 from tests.models import tiny_llama
-from tests.test_regional import _assert_same_step, _batch
+from tests.test_regional import _assert_same_step, _batch, _pair
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,7 @@ def _graphs() -> int:
 @pytest.fixture(scope="module")
 def pair():
     """(default lowering, eager) over one 2-layer Llama with the same non-zero adapter weights."""
-    model = tiny_llama(layers=2)
-    spec = ac.LoRA(r=4, targets=["q_proj", "v_proj"])
-    fast, ref = ac.compile(model, spec), ac.compile(model, spec, lowering="eager")
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in fast.adapter_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    ref.load_adapter_state_dict(fast.adapter_state_dict())
-    fast.train()
-    ref.train()
-    return fast, ref
+    return _pair(2, ac.LoRA(r=4, targets=["q_proj", "v_proj"]), lowering="inductor")
 
 
 def test_sizes_from_two_share_the_first_compile(pair):

@@ -21,10 +21,10 @@ TARGETS = ["q_proj", "v_proj"]
 SHAPES = [(1, 1, 0), (1, 9, 0), (4, 3, 1), (3, 17, 5)]
 
 
-def _pair(layers: int, spec):
-    """(regional, eager) AdaptedModules over one base model with the same non-zero adapter weights."""
+def _pair(layers: int, spec, lowering: str = "regional"):
+    """(compiled, eager) AdaptedModules over one base model with the same non-zero adapter weights."""
     model = tiny_llama(layers=layers)
-    fast = ac.compile(model, spec, lowering="regional")
+    fast = ac.compile(model, spec, lowering=lowering)
     ref = ac.compile(model, spec, lowering="eager")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
