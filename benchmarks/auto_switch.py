@@ -40,19 +40,12 @@ MARKS = (1, 20, 100, 300, 1000, 3000)
 
 def one(lowering: str, model_name: str, steps: int, max_s: float) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import adapt_compiler as ac
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     hidden, inter, layers = MODELS[model_name]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4,
-                                         num_key_value_heads=4, num_hidden_layers=layers, vocab_size=1000,
-                                         use_cache=False))
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 1000, (2, 64), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    model, batch = child.llama_and_batch(hidden, inter, layers)
 
     t0 = time.perf_counter()
     m = ac.compile(model, ac.LoRA(r=8, targets=TARGETS), lowering=lowering).train()

@@ -23,3 +23,18 @@ def run_child(module: str, args: list[str], cache: str, failed: dict, threads: s
     res = json.loads(lines[-1])
     res["load1"] = os.getloadavg()[0]
     return res
+
+
+def llama_and_batch(hidden: int, inter: int, layers: int):
+    """The first-step scripts' model (Llama, 4 heads, vocab 1000, random init) and batch (2 x 64 tokens,
+    labels = inputs), seeded."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4,
+                                         num_key_value_heads=4, num_hidden_layers=layers, vocab_size=1000,
+                                         use_cache=False))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 64), generator=g)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -49,17 +49,10 @@ def _cpu_s() -> float:
 def one(variant: str, layers: int, steady: int, small: bool) -> dict:
     """One measurement in this process (see the module docstring)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     hidden, inter = (64, 128) if small else (256, 512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4,
-                                         num_key_value_heads=4, num_hidden_layers=layers, vocab_size=1000,
-                                         use_cache=False))
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 1000, (2, 64), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    model, batch = child.llama_and_batch(hidden, inter, layers)
 
     t0, c0 = time.perf_counter(), _cpu_s()
     if variant.startswith("peft"):

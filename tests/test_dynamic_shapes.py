@@ -10,12 +10,10 @@ at every shape. Two Inductor compiles of a 2-layer Llama: about 1.5 minutes on 2
 from __future__ import annotations
 
 import pytest
-import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 import adapt_compiler as ac
 from adapt_compiler.counters import COUNTERS
-from tests.models import tiny_llama
 from tests.test_regional import _assert_same_step, _batch, _pair
 
 pytestmark = pytest.mark.slow
