@@ -130,3 +130,21 @@ def test_layers_that_differ_form_their_own_groups():
     groups = sorted(meta["groups"].values())
     assert groups == [["model.layers.0", "model.layers.1"], ["model.layers.2"], ["model.layers.3"]], groups
     _assert_same_step(fast, ref, _batch(1, 1, 0, seed=5))
+
+
+def test_gradient_checkpointing_compiles_whole_and_trains_right():
+    """Checkpointed blocks are not partitioned (report() says why); the whole graph trains like eager."""
+    model = tiny_llama(layers=2)
+    model.gradient_checkpointing_enable()
+    spec = ac.LoRA(r=4, targets=TARGETS)
+    fast, ref = ac.compile(model, spec, lowering="regional"), ac.compile(model, spec, lowering="eager")
+    with torch.no_grad():
+        for p in fast.adapter_parameters():
+            p.normal_(0, 0.1)
+    ref.load_adapter_state_dict(fast.adapter_state_dict())
+    fast.train()
+    ref.train()
+    _assert_same_step(fast, ref, _batch(2, 7, 1))
+    _, meta = _graph_and_meta(fast)
+    assert "gradient-checkpointed" in meta["whole"], meta
+    assert any("gradient-checkpointed" in line for line in fast.report().regions)

@@ -46,7 +46,7 @@ def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: f
     if how == "regional":
         from .regional import lower_regional
 
-        return lower_regional(gm, options, _whole)
+        return lower_regional(gm, options, _whole_checkpointed)
     if callable(how):
         return torch.compile(gm, backend=how, dynamic=None)
     raise ValueError(f"lowering={how!r} is not one of {LOWERINGS} or a torch.compile backend")
@@ -83,6 +83,11 @@ def _with_memory_budget(compiled, budget: float | None, checkpointed: bool = Fal
 
 def _checkpoints(gm: fx.GraphModule) -> bool:
     return any(n.target is torch.utils.checkpoint.checkpoint for n in gm.graph.nodes)
+
+
+def _whole_checkpointed(gm: fx.GraphModule, options: dict | None):
+    """`_whole`, with the partitioner set for a graph that checkpoints blocks (see _with_memory_budget)."""
+    return _with_memory_budget(_whole(gm, options), None, checkpointed=_checkpoints(gm))
 
 
 def _whole(gm: fx.GraphModule, options: dict | None):

@@ -503,6 +503,10 @@ def _not_regional(gm: fx.GraphModule) -> str | None:
     """Why `gm` cannot be lowered by blocks (then it is compiled whole), or None."""
     if gm.meta.get("ac_variant") == "mixed":
         return "a mixed-batch graph (adapter_names=) reads each call's adapter per sample"
+    if any(n.target is torch.utils.checkpoint.checkpoint for n in gm.graph.nodes):
+        # the partition (slots traced with make_fx, blocks compiled by AOTRegion) does not take a
+        # torch.utils.checkpoint call: AOTAutograd fails on it ("all flat_args must be KNOWN_TYPES")
+        return "its blocks are gradient-checkpointed (gradient_checkpointing_enable() or memory_budget=)"
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in KEEP_MODULES and \
                 not node.target.startswith((f"{SLOTS}.", f"{SAVED}.")):
