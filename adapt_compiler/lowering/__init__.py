@@ -37,8 +37,7 @@ def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: f
     if how == "eager":
         return gm
     if how == "inductor":
-        compiled = _whole(gm, options)
-        return _with_memory_budget(compiled, memory_budget, checkpointed=_checkpoints(gm))
+        return _whole_partitioned(gm, options, memory_budget)
     if how == "auto":  # the whole graph as "inductor"; the pipeline runs eager until it is compiled (auto.py)
         from .auto import compile_whole
 
@@ -46,7 +45,7 @@ def lower(gm: fx.GraphModule, how, options: dict | None = None, memory_budget: f
     if how == "regional":
         from .regional import lower_regional
 
-        return lower_regional(gm, options, _whole_checkpointed)
+        return lower_regional(gm, options, _whole_partitioned)
     if callable(how):
         return torch.compile(gm, backend=how, dynamic=None)
     raise ValueError(f"lowering={how!r} is not one of {LOWERINGS} or a torch.compile backend")
@@ -85,9 +84,10 @@ def _checkpoints(gm: fx.GraphModule) -> bool:
     return any(n.target is torch.utils.checkpoint.checkpoint for n in gm.graph.nodes)
 
 
-def _whole_checkpointed(gm: fx.GraphModule, options: dict | None):
-    """`_whole`, with the partitioner set for a graph that checkpoints blocks (see _with_memory_budget)."""
-    return _with_memory_budget(_whole(gm, options), None, checkpointed=_checkpoints(gm))
+def _whole_partitioned(gm: fx.GraphModule, options: dict | None, memory_budget: float | None = None):
+    """`_whole`, with AOTAutograd's partitioner set for this graph (see _with_memory_budget); also
+    regional's whole-graph fallback."""
+    return _with_memory_budget(_whole(gm, options), memory_budget, checkpointed=_checkpoints(gm))
 
 
 def _whole(gm: fx.GraphModule, options: dict | None):
