@@ -215,7 +215,9 @@ def _check_text(verdict) -> str:
     if verdict is None:
         return "not run yet (checked against eager on its first call)"
     if verdict.status == "passed":
-        return f"checked against eager: {verdict.compared} tensors agree (worst relative error {verdict.worst:.1e})"
+        classes = f", {verdict.shape_classes} shape classes" if verdict.shape_classes > 1 else ""
+        return (f"checked against eager: {verdict.compared} tensors agree (worst relative error {verdict.worst:.1e}"
+                f"{classes})")
     bad = ", ".join(w for w, _, _ in verdict.mismatches[:3])
     return (f"MISMATCH with eager on its first call ({len(verdict.mismatches)} tensors, e.g. {bad}); "
             f"now runs on the {verdict.lowering} lowering")

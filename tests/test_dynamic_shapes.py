@@ -61,6 +61,8 @@ def test_a_batch_of_one_compiles_one_specialised_graph(pair):
     for s in (9, 40, 3, 111):
         _assert_same_step(fast, ref, _train_batch(1, s, 0))
     assert _graphs() == graphs + 1
+    (what, verdict), = fast.report().checks
+    assert verdict.status == "passed" and verdict.shape_classes == 2, (what, verdict)  # the size-1 graph checked too
     for b, s, pad in SIZES_FROM_TWO[:2]:  # back to larger batches: the first graph still serves them
         _assert_same_step(fast, ref, _train_batch(b, s, pad))
     assert _graphs() == graphs + 1

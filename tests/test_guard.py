@@ -120,3 +120,39 @@ def test_a_correct_compiler_passes_and_keeps_dropout_masks():
         assert_close(got[k], want[k], what=f"grad {k}")
     (verdict,) = [v for _, v in m.report().checks]
     assert verdict.status == "passed" and verdict.compared > 2
+
+
+def test_each_shape_class_of_a_dynamic_compile_is_checked():
+    """A whole-graph compile dynamic in batch compiles once more for a batch of one
+    (lowering/dynamic.py): a fault only in that specialisation is caught at its first call."""
+    from torch import fx, nn
+
+    from adapt_compiler.lowering.guard import guard
+
+    gm = fx.symbolic_trace(nn.Linear(4, 3))
+    reference_calls = []
+    gm.register_forward_pre_hook(lambda *_: reference_calls.append(1))
+
+    class WrongAtBatchOne:
+        def __call__(self, x):
+            out = gm(x)
+            return out * 1.5 if x.shape[0] == 1 else out
+
+        def shape_class(self, args, kwargs):
+            return (min(args[0].shape[0], 2),)
+
+    guarded = guard(gm, WrongAtBatchOne(), "fake", lambda: [("weight", gm.weight)], lambda: [],
+                    [("eager", lambda: gm)], "the test graph")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompilerMismatchWarning)
+        guarded(torch.randn(3, 4))
+        assert guarded.verdict.status == "passed" and guarded.verdict.shape_classes == 1
+        calls = len(reference_calls)
+        guarded(torch.randn(5, 4))  # same class: not checked again
+        assert len(reference_calls) == calls + 1  # only the candidate's own call of gm
+    x = torch.randn(1, 4)
+    with pytest.warns(CompilerMismatchWarning, match="at a new shape class"):
+        out = guarded(x)
+    assert_close(out, gm(x), what="a batch of one after the fallback")
+    assert guarded.verdict.status == "mismatch" and guarded.verdict.lowering == "eager"
+    assert guarded.verdict.shape_classes == 2

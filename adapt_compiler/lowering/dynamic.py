@@ -67,6 +67,12 @@ class DynamicFromFirstCall:
         self.marked = True
         return out
 
+    def shape_class(self, args, kwargs) -> tuple[int, ...]:
+        """Which compiled graph serves a call: per symbolic dim, its size if 0 or 1, else 2 (any size
+        >= 2 shares the first compile). The guard checks the first call of each class."""
+        leaves = pytree.tree_leaves((args, kwargs))
+        return tuple(min(int(x.shape[d]), 2) for x, dims in zip(leaves, self.dims) for d in dims)
+
 
 def _size_oblivious_inductor(options: dict | None):
     """Inductor (what torch.compile's default backend runs) with `keep_saved_strides_inner_compile`."""

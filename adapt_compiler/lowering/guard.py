@@ -11,6 +11,11 @@ the same inputs, from the same RNG state and buffer values:
   the loss is, without touching `.grad`.
 * without gradients (eval, inference): the outputs are compared.
 
+"First call" means the first call of each compiled specialisation: a whole-graph compile that is
+dynamic in batch and sequence (lowering/dynamic.py) compiles one more graph the first time a
+dynamic dim is 0 or 1, so such a compiled callable tells the guard the call's `shape_class`, and the
+first call of every class is checked as the very first call is.
+
 Tolerances scale with the dtype of each tensor (`TOLERANCE`). If the two agree, the compiled graph
 serves this call (its autograd graph is kept for the user's backward) and every later call. If
 they do not, a `CompilerMismatchWarning` names the graph, the tensors that differ and by how much;
@@ -47,6 +52,7 @@ class Verdict:
     compared: int = 0  # tensors compared
     worst: float = 0.0  # largest error relative to its tensor's scale
     mismatches: list = field(default_factory=list)  # (what, |Δ| max, scale) of each tensor that differs
+    shape_classes: int = 1  # compiled specialisations checked (see the module docstring)
 
 
 def _tolerance(t: torch.Tensor) -> float:
@@ -142,12 +148,18 @@ class GuardedGraph:
         self.fallbacks = list(fallbacks)  # [(name, () -> callable)], tried in order; eager is last
         self.what = what
         self.verdict: Verdict | None = None
+        # () -> hashable: which compiled specialisation a call runs (None: one for every call)
+        self.shape_class = getattr(compiled, "shape_class", None)
+        self.checked_classes: set = set()
         gm.meta["ac_guard"] = None
 
     def __call__(self, *args, **kwargs):
-        if self.verdict is not None:
+        key = self.shape_class(args, kwargs) if self.shape_class is not None else None
+        if key in self.checked_classes:
             return self.fn(*args, **kwargs)
-        return self._first_call(args, kwargs)
+        out = self._first_call(args, kwargs)
+        self.checked_classes.add(key)
+        return out
 
     def _first_call(self, args, kwargs):
         labelled = [(label, p) for label, p in self.tensors() if p.requires_grad]
@@ -178,15 +190,27 @@ class GuardedGraph:
             worst, bad = _compare(pairs)
             if not bad:
                 self.fn, self.lowering = fn, name
-                self.verdict = Verdict("passed" if i == 0 else "mismatch", name, len(pairs), worst,
-                                       first_bad[1] if first_bad else [])
+                self._record(Verdict("passed" if i == 0 else "mismatch", name, len(pairs), worst,
+                                     first_bad[1] if first_bad else []))
                 if first_bad:
                     self._warn(first_bad[0], first_bad[1], name)
-                self.gm.meta["ac_guard"] = self.verdict
                 return out
             if first_bad is None:
                 first_bad = (name, bad)
         raise AssertionError("the eager fallback disagreed with the eager reference")  # eager is the reference
+
+    def _record(self, verdict: Verdict) -> None:
+        """Keep the verdict that matters most across shape classes: a mismatch over a pass."""
+        before = self.verdict
+        if before is not None:
+            verdict.shape_classes = before.shape_classes + 1
+            if before.status == "mismatch" and verdict.status != "mismatch":
+                before.shape_classes = verdict.shape_classes
+                verdict = before
+            else:
+                verdict.worst = max(verdict.worst, before.worst)
+        self.verdict = verdict
+        self.gm.meta["ac_guard"] = verdict
 
     def _warn(self, failed: str, bad: list, now: str) -> None:
         shown = "; ".join(f"{what}: max |Δ| {diff:.3g} ({'∞' if not scale else f'{diff / scale:.0%}'} of its scale)"
@@ -194,6 +218,7 @@ class GuardedGraph:
         more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
         warnings.warn(
             f"adapt_compiler: the {failed} lowering of {self.what} disagrees with the eager graph on its first call "
+            f"{'' if self.verdict.shape_classes == 1 else 'at a new shape class '}"
             f"({len(bad)} tensors differ: {shown}{more}). This graph now runs on the {now} lowering; report() "
             f"records it. This is a compiler bug, not your model; pass verify=False to skip the check.",
             CompilerMismatchWarning,
