@@ -279,6 +279,8 @@ def load_adapter_state_dict(table, state_dict: dict, name: str, where: str = "st
     given = _normalise_keys(table, name, state_dict)
     check_tensors(expected, given, where, f"adapter {name!r}", padded=hotswap)
     copy_tensors(expected, given)
+    if table.data_init.get(name) == "corda":  # trained factors: only the residual base is still to come
+        table.data_init[name] = "corda-residual"
 
 
 def load_sub_adapters(table, method, name: str, sub_adapters: dict) -> None:
