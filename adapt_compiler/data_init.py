@@ -5,8 +5,8 @@ PEFT runs these with forward hooks on the user's modules (`initialize_lora_eva_w
 model is never touched: the pass runs *our* captured graph, eager (the FX graph as is, in eval mode,
 no compile), and reads each adapted layer's input where the graph hands it to the layer's AdapterSlot
 (a forward hook on our slot module: `args[0]` is exactly the tensor the layer multiplies). While the pass
-runs, the adapter holds PEFT's placeholders (A kaiming-uniform, B zero), so the adapted graph computes
-the base model and the slot inputs are the base model's activations, as under PEFT's `disable_adapter()`.
+runs no adapter is active, so every slot computes its base layer and the slot inputs are the base model's
+activations, as under PEFT's `disable_adapter()` (EVA) or before `get_peft_model` (CorDA).
 
 What each pass leaves:
 - EVA: the adapter re-created with the ranks EVA chose (rank_pattern / alpha_pattern with the layers'
@@ -94,7 +94,7 @@ class _EagerGraph:
 
 
 class _DataPass:
-    """The context of one pass: eval mode, no grad, only `name` active, hooks removed at the end."""
+    """The context of one pass: eval mode, no grad, no adapter active, hooks removed at the end."""
 
     def __init__(self, m, name: str):
         self.m, self.name = m, name
@@ -107,7 +107,10 @@ class _DataPass:
         self.training, self.active = m.training, m.state.active
         self.grad = torch.is_grad_enabled()
         m.eval()
-        m.set_adapter(self.name)
+        # no adapter active: every slot computes the base layer (PEFT runs under disable_adapter(), or on the
+        # model before get_peft_model), and still sees its input. A CorDA adapter loaded from a checkpoint
+        # holds trained factors here, which must not shift the activations
+        m.set_adapter(())
         torch.set_grad_enabled(False)
         return self
 

@@ -79,7 +79,6 @@ def test_target_parameters_on_moe_experts(tmp_path):
     ("monteclora_config", {"monteclora_n": 8}, ["monteclora_config is not supported", "sampler"]),
     ("use_qalora", True, ["use_qalora is not supported"]),
     ("layer_replication", [[0, 1]], ["layer_replication is not supported"]),
-    ("init_lora_weights", "corda", ["init='corda'", "preprocess_corda"]),
     ("init_lora_weights", "loftq", ["init='loftq'", "quantized"]),
 ])
 def test_out_of_scope_options_refused_by_name(field, value, words, tmp_path):
@@ -97,7 +96,7 @@ def test_out_of_scope_options_refused_by_name(field, value, words, tmp_path):
 
 def test_a_directory_trained_with_eva_loads_as_peft_loads_it(tmp_path):
     """EVA only chose the starting A and the ranks: its directory is plain LoRA tensors, and PEFT's
-    from_pretrained loads it as such. Starting a new EVA adapter (it needs a pass over data) is refused."""
+    from_pretrained loads it as such. A new EVA adapter waits for its data pass (tests/test_lora_data_init.py)."""
     from oracle import assert_close, randomize_
 
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV))
@@ -111,6 +110,7 @@ def test_a_directory_trained_with_eva_loads_as_peft_loads_it(tmp_path):
     batch = token_batch()
     with torch.no_grad():
         assert_close(m(**batch).logits, theirs(**batch).logits, what="EVA directory")
-    with pytest.raises(ac.AdapterError, match="initialize_lora_eva_weights"):
-        ac.LoRA(r=4, targets=QV, init="eva")
+    fresh = ac.compile(tiny_llama(), ac.LoRA(r=4, targets=QV, init="eva"), lowering="eager")
+    with pytest.raises(ac.AdapterError, match="initialize_eva"):
+        fresh(**batch)
 
