@@ -81,9 +81,11 @@ EVA_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(EVA_CASES))
+# about 20 s each here (PEFT's pass, ours with its capture, a step, both directions); the second is slow-marked
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c != "default" else [])
+                                  for c in sorted(EVA_CASES)])
 def test_eva_matches_peft(case, tmp_path):
-    base = tiny_llama()
+    base = tiny_llama(layers=1)
     before = copy.deepcopy(base.state_dict())
     data, batch = _eva_data(), _test_batch()
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
@@ -114,7 +116,7 @@ def test_eva_matches_peft(case, tmp_path):
 
 
 def test_eva_waits_for_its_data_pass_and_says_so():
-    m = ac.compile(tiny_llama(), ac.LoRA(r=4, targets=["q_proj"], init="eva"), lowering="eager")
+    m = ac.compile(tiny_llama(layers=1), ac.LoRA(r=4, targets=["q_proj"], init="eva"), lowering="eager")
     assert m.state.specs["default"].eva_config["rho"] == 2.0  # PEFT's EvaConfig defaults
     with pytest.raises(ac.AdapterError, match="initialize_eva"):
         m(**_test_batch())
@@ -150,9 +152,9 @@ def _peft_corda(base, method, data, cache=None):
     return model, cfg
 
 
-@pytest.mark.parametrize("method", ["ipm", "kpm"])
+@pytest.mark.parametrize("method", ["ipm", pytest.param("kpm", marks=pytest.mark.slow)])
 def test_corda_matches_peft(method, tmp_path):
-    base = tiny_llama()
+    base = tiny_llama(layers=1)
     before = copy.deepcopy(base.state_dict())
     data, batch = _corda_data(), _test_batch()
     residual_base, cfg = _peft_corda(base, method, data)
@@ -190,7 +192,7 @@ def test_corda_matches_peft(method, tmp_path):
 
 def test_corda_cache_file_both_ways(tmp_path):
     """corda_config's cache_file: written by the first pass, read (no data) by PEFT and by us."""
-    base, data, batch = tiny_llama(), _corda_data(), _test_batch()
+    base, data, batch = tiny_llama(layers=1), _corda_data(), _test_batch()
     cache = tmp_path / "cache" / "corda.pt"
     spec = ac.LoRA(r=4, alpha=8, targets=CORDA_TARGETS, init="corda",
                    corda_config=dict(corda_method="ipm", cache_file=str(cache)))
