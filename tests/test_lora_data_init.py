@@ -219,3 +219,27 @@ def test_corda_refuses_batches_of_several_samples():
 def test_init_data_without_a_data_init_is_refused():
     with pytest.raises(ac.AdapterError, match="init_data"):
         ac.compile(tiny_llama(), ac.LoRA(r=4, targets=["q_proj"]), lowering="eager", init_data=_corda_data())
+
+
+def test_readme_data_driven_section(capsys):
+    """The README's EVA / CorDA block runs as written (tiny model, eager lowering) and does what it says."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("#### Data-driven initialisations", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert code.count("init_data=") == 2
+    code = re.sub(r"init_data=(\w+)\)", r'init_data=\1, lowering="eager")', code)
+    model = tiny_llama(layers=1)
+    before = copy.deepcopy(model.state_dict())
+    scope = {"model": model, "batches": _eva_data(), "one_sample_batches": _corda_data()}
+    exec(compile(code, "README data-driven inits", "exec"), scope)  # noqa: S102 - our own docs
+    m, c = scope["m"], scope["c"]
+    assert m.state.specs["default"].rank_pattern and str(m.state.specs["default"].rank_pattern) in capsys.readouterr().out
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(c.table.frozen[w], model.get_parameter(w))  # the residual, in our copy
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    batch = _test_batch()
+    assert_close(logits_of(c(**batch)), logits_of(model(**batch)), what="CorDA starts at W")
+    assert_close(logits_of(m(**batch)), logits_of(model(**batch)), what="EVA starts at W")
