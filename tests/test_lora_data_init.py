@@ -243,3 +243,15 @@ def test_readme_data_driven_section(capsys):
     batch = _test_batch()
     assert_close(logits_of(c(**batch)), logits_of(model(**batch)), what="CorDA starts at W")
     assert_close(logits_of(m(**batch)), logits_of(model(**batch)), what="EVA starts at W")
+
+
+def test_report_shows_the_residual_and_pending_passes():
+    model = tiny_llama(layers=1)
+    m = ac.compile(model, {"c": ac.LoRA(r=4, targets=["q_proj"], init="corda"),
+                           "e": ac.LoRA(r=4, targets=["v_proj"], init="eva")}, lowering="eager")
+    text = str(m.report())
+    assert "data pass pending (c, init='corda')" in text and "data pass pending (e, init='eva')" in text
+    ac.preprocess_corda(m, data=_corda_data(), adapter_name="c")
+    text = str(m.report())
+    assert "residual base (c, init='corda')" in text and "model.layers.0.self_attn.q_proj.weight" in text
+    assert "pending (c" not in text and "pending (e" in text
