@@ -114,3 +114,14 @@ def test_a_directory_trained_with_eva_loads_as_peft_loads_it(tmp_path):
     with pytest.raises(ac.AdapterError, match="initialize_eva"):
         fresh(**batch)
 
+
+
+def test_target_parameters_on_2d_weights(tmp_path):
+    """target_parameters on plain 2-D weights (PEFT's ParamWrapper on an nn.Linear's weight): W' = W + s·B·A
+    wherever the graph reads W; both checkpoint directions, a step, merge."""
+    targets = ["self_attn.q_proj.weight", "mlp.down_proj.weight"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=targets)
+    spec = ac.LoRA(r=4, alpha=8, targets=[], target_parameters=targets)
+    m = check_full_parity(tiny_llama(layers=1), token_batch(), cfg, spec, tmp_path, keys=("lora_",))
+    assert sorted(s.layer.fqn for s in m.table.slots.values()) == [
+        "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
