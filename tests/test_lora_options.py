@@ -2,6 +2,7 @@
 whole contract (tests/oracle.py `check_full_parity`): outputs and adapter gradients, a training step,
 both checkpoint directions, and merge where PEFT merges. Options out of scope are refused by name."""
 
+import copy
 import json
 
 import peft
@@ -125,3 +126,40 @@ def test_target_parameters_on_2d_weights(tmp_path):
     m = check_full_parity(tiny_llama(layers=1), token_batch(), cfg, spec, tmp_path, keys=("lora_",))
     assert sorted(s.layer.fqn for s in m.table.slots.values()) == [
         "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_weight_conversion_to_plain_lora_matches_peft(tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...): a trained PiSSA adapter written as plain
+    LoRA of rank 2r over the original weights ([A; A0], [B, -B0]), as PEFT writes it; it loads on the
+    untouched base model, in PEFT and here, with the trained outputs."""
+    from safetensors.torch import load_file
+
+    from oracle import assert_close, call_model, logits_of, square_loss
+
+    base, batch = tiny_llama(layers=1), token_batch()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV,
+                                                                   init_lora_weights="pissa"))
+    m = ac.compile(base, ac.LoRA(r=4, alpha=8, targets=QV, init="pissa"), lowering="eager")
+    pm.save_pretrained(tmp_path / "peft_init")
+    m.save_pretrained(tmp_path / "ours_init")
+    for model, params in ((pm, [p for p in pm.parameters() if p.requires_grad]), (m, m.adapter_parameters())):
+        model.train()
+        square_loss(call_model(model, batch)).backward()
+        torch.optim.SGD(params, lr=0.5).step()
+        model.eval()
+    want = logits_of(call_model(m, batch))
+    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
+    m.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
+    for name in ("adapter_config.json",):
+        theirs, ours = (json.loads((tmp_path / d / name).read_text()) for d in ("peft", "ours"))
+        assert (ours["r"], ours["lora_alpha"], ours["init_lora_weights"]) == (8, 16, True)
+        assert (theirs["r"], theirs["lora_alpha"], theirs["init_lora_weights"]) == (8, 16, True)
+    assert json.loads((tmp_path / "ours_init" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    theirs, ours = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(theirs) == sorted(ours)
+    for k in theirs:
+        assert_close(ours[k], theirs[k], what=k)
+    loaded = ac.compile(base, str(tmp_path / "ours"), lowering="eager")
+    assert_close(logits_of(call_model(loaded, batch)), want, what="converted, ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_close(logits_of(call_model(back, batch)), want, what="converted, PEFT")
