@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping
@@ -85,11 +86,14 @@ class _EagerGraph:
     """Calls `m`'s adapted graph for the inputs' structure as the FX graph itself (the eager lowering),
     whatever lowering `m` compiles with: the slots stay modules that forward hooks see."""
 
-    def __init__(self, m):
-        self.m = m
+    def __init__(self, m, run=None):
+        self.m, self.run = m, run
 
     def __call__(self, *args, **kwargs):
         kwargs = lift_scalar_inputs(kwargs)
+        if self.run is not None:  # the call's (batch, sequence): HF Conv1D layers see their input flattened
+            first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
+            self.run.lead = None if first is None else tuple(first.shape[:2])
         return self.m.graph(args, kwargs)(*args, **kwargs)
 
 
@@ -115,11 +119,19 @@ class _DataPass:
         return self
 
     def hook(self, fqn: str, fn) -> None:
-        """fn(x) on every call of layer `fqn` (its input, as the graph hands it to the slot)."""
-        def read(module, args, out):
-            fn(args[0])  # returns None: the layer's output is left as it is
+        """fn(x) on every call of layer `fqn`: its input, as the graph hands it to the slot. An HF Conv1D
+        flattens its input to (tokens, features) before its addmm, so the slot sees it flat; PEFT's hooks see
+        the module's input (batch, seq, features), which is the flat one viewed back at the call's shape."""
+        slot = self.m.slots[slot_key(fqn)]
 
-        self.handles.append(self.m.slots[slot_key(fqn)].register_forward_hook(read))
+        def read(module, args, out):
+            x = args[0]
+            lead = getattr(self, "lead", None)
+            if slot.layer.transposed and x.dim() == 2 and lead is not None and x.shape[0] == math.prod(lead):
+                x = x.view(*lead, x.shape[-1])
+            fn(x)  # returns None: the layer's output is left as it is
+
+        self.handles.append(slot.register_forward_hook(read))
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -200,13 +212,12 @@ def get_eva_state_dict(m, dataloader, forward_fn=forward_fn_dict,
         rho = min(rho, max(max(p.shape) for p in m.get_base_model().parameters()) // spec.r)
     layer_fns = _layer_fns(prepare_layer_inputs_fn, [layer.fqn for layer in layers])
     device = next(iter(m.table.frozen.values())).device
-    runner = _EagerGraph(m)
-
     def model_input(inputs):
         return prepare_model_inputs_fn(inputs, peft_config) if prepare_model_inputs_fn is not None \
             else copy.deepcopy(inputs)
 
     with _DataPass(m, adapter_name) as run:
+        runner = _EagerGraph(m, run)
         # one batch: which layers see equal inputs (their PCA is computed once)
         inputs = _to(next(iter(dataloader)), device)
         current = {"input": model_input(inputs)}
@@ -436,7 +447,7 @@ def _covariances(m, name, layers, cfg, run_model, data, forward_fn) -> dict:
     with _DataPass(m, name) as run:
         for layer in layers:
             run.hook(layer.fqn, lambda x, fqn=layer.fqn: add(fqn, x))
-        runner = _EagerGraph(m)
+        runner = _EagerGraph(m, run)
         if run_model is not None:
             run_model(runner)
         else:

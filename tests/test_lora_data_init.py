@@ -255,3 +255,31 @@ def test_report_shows_the_residual_and_pending_passes():
     text = str(m.report())
     assert "residual base (c, init='corda')" in text and "model.layers.0.self_attn.q_proj.weight" in text
     assert "pending (c" not in text and "pending (e" in text
+
+
+def test_hf_conv1d_layers_match_peft():
+    """GPT-2's Conv1D flattens its input before the matmul; the passes read it at the module's shape, as
+    PEFT's hooks do (EVA's token mask indexes (batch, position); CorDA squeezes the batch dimension)."""
+    from models import tiny_gpt2
+
+    base, g, targets = tiny_gpt2(), torch.Generator().manual_seed(3), ["c_attn", "c_proj"]
+    data = [{"input_ids": torch.randint(0, 64, (4, 12), generator=g),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
+    data[0]["attention_mask"][1, :4] = 0
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva", fan_in_fan_out=True,
+                          eva_config=peft.EvaConfig(tau=0.8))
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    initialize_lora_eva_weights(pm, data, show_progress_bar=False)
+    m = ac.compile(base, ac.LoRA(r=4, alpha=8, targets=targets, init="eva", eva_config=dict(tau=0.8)),
+                   lowering="eager", init_data=data)
+    assert m.state.specs["default"].rank_pattern == pm.peft_config["default"].rank_pattern
+    _same_state(m, pm)
+    one = [{"input_ids": torch.randint(0, 64, (1, 20), generator=g)} for _ in range(4)]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda", fan_in_fan_out=True)
+    residual_base = copy.deepcopy(base)
+    peft_preprocess_corda(residual_base, cfg, run_model=lambda: [residual_base(**b) for b in one])
+    pm = peft.get_peft_model(residual_base, cfg)
+    m = ac.compile(base, ac.LoRA(r=4, alpha=8, targets=targets, init="corda"), lowering="eager", init_data=one)
+    _same_state(m, pm)
+    batch = _test_batch()
+    assert_close(logits_of(m(**batch)), logits_of(pm(**batch)))
