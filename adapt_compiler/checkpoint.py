@@ -548,7 +548,8 @@ def converted_to_lora(tensors: dict, config: dict, initial: Path) -> tuple[dict,
     check_tensors(tensors, start, str(initial), "the initial adapter")
     out = {}
     for k, t in tensors.items():
-        out[k] = torch.cat([t, start[k].to(t)], 0) if k.endswith(".lora_A.weight") else torch.cat([t, -start[k].to(t)], 1)
+        a_side = k.endswith(".lora_A.weight")
+        out[k] = torch.cat([t, start[k].to(t)], 0) if a_side else torch.cat([t, -start[k].to(t)], 1)
     init_config = {**config, "init_lora_weights": True}
     write_text_atomic(initial / CONFIG_NAME, json.dumps(init_config, indent=2, default=str))
     rank_pattern = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}

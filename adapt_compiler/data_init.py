@@ -211,7 +211,8 @@ def get_eva_state_dict(m, dataloader, forward_fn=forward_fn_dict,
     if rho > 1000:  # PEFT's ceiling for unusually high rho
         rho = min(rho, max(max(p.shape) for p in m.get_base_model().parameters()) // spec.r)
     layer_fns = _layer_fns(prepare_layer_inputs_fn, [layer.fqn for layer in layers])
-    device = next(iter(m.table.frozen.values())).device
+    device = device_of(m)
+
     def model_input(inputs):
         return prepare_model_inputs_fn(inputs, peft_config) if prepare_model_inputs_fn is not None \
             else copy.deepcopy(inputs)
@@ -248,7 +249,8 @@ def get_eva_state_dict(m, dataloader, forward_fn=forward_fn_dict,
             top = max(max_components[n] for n in g)
             for n in g:
                 max_components[n] = top
-        pcas = {fqn: LayerPCA(max_components[fqn], cfg["tau"]) for fqn in (l.fqn for l in layers) if fqn not in equal_to}
+        pcas = {layer.fqn: LayerPCA(max_components[layer.fqn], cfg["tau"]) for layer in layers
+                if layer.fqn not in equal_to}
         layer_pca = {**{k: k for k in pcas}, **equal_to}
         hooked = dict.fromkeys(pcas, True)
         inputs_of = {}

@@ -236,7 +236,8 @@ def test_readme_data_driven_section(capsys):
     scope = {"model": model, "batches": _eva_data(), "one_sample_batches": _corda_data()}
     exec(compile(code, "README data-driven inits", "exec"), scope)  # noqa: S102 - our own docs
     m, c = scope["m"], scope["c"]
-    assert m.state.specs["default"].rank_pattern and str(m.state.specs["default"].rank_pattern) in capsys.readouterr().out
+    ranks = m.state.specs["default"].rank_pattern
+    assert ranks and str(ranks) in capsys.readouterr().out
     w = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(c.table.frozen[w], model.get_parameter(w))  # the residual, in our copy
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
