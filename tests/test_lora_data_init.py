@@ -139,8 +139,9 @@ def test_eva_refuses_layers_peft_does_not_compute():
     from torch import nn
 
     model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 8))
-    with pytest.raises(ac.AdapterError, match="eva"):
+    with pytest.raises(ac.AdapterError, match="init='eva'") as err:
         ac.compile(model, ac.LoRA(r=2, targets=["0", "1"], init="eva"), lowering="eager")
+    assert "random init" in str(err.value)
 
 
 def _peft_corda(base, method, data, cache=None):

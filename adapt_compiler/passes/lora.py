@@ -231,10 +231,13 @@ class LoRAMethod(WeightMethod):
             init = found[0]
             if layer.kind not in init.kinds or (layer.transposed and not init.transposed_ok):
                 what = "an HF Conv1D (transposed) layer" if layer.transposed else f"a {layer.kind} layer"
+                peft_does = (f"PEFT computes it on {', '.join(sorted(init.kinds))} layers and gives the others the plain "
+                             f"random init with a warning" if init.data else
+                             f"PEFT runs it on {', '.join(sorted(init.kinds))}"
+                             f"{'' if init.transposed_ok else ', not HF Conv1D'}")
                 raise AdapterShapeError(
-                    f"{layer.fqn}: init={spec.init!r} (PEFT's init_lora_weights) does not support {what} (PEFT "
-                    f"runs it on {', '.join(sorted(init.kinds))}"
-                    f"{'' if init.transposed_ok else ', not HF Conv1D'}); exclude the layer or use init=True.")
+                    f"{layer.fqn}: init={spec.init!r} (PEFT's init_lora_weights) does not support {what} ({peft_does}); "
+                    f"exclude the layer from targets, or use init=True.")
         r = rank_of(spec, layer)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
