@@ -152,8 +152,9 @@ class LayerPCA:
                                f"this as a bug too); please report it.")
         u = self.pca.components_[:rank]
         if whiten:
-            # in place, as PEFT does: layers that share this PCA (equal inputs) are read after the first
-            # one, so PEFT whitens their rows once more per layer read before; kept for parity
+            # in place on a view of the shared components, as PEFT does: with layers that share this PCA
+            # (equal inputs: q/k/v), row i ends up divided by √S_i once per layer of the group whose rank
+            # covers it, and every layer's A (views too) reads those rows. A PEFT quirk, kept for parity
             u /= self.pca.singular_values_[:rank].sqrt().reshape(-1, 1)
         return u
 
