@@ -315,7 +315,7 @@ def init_notes(table) -> list[str]:
         notes.append(f"residual base ({name}, init={init!r}): our copy of {len(originals)} weight(s) holds W - s*B0*A0 "
                      f"({', '.join(sorted(originals)[:3])}{', ...' if len(originals) > 3 else ''}); your model keeps W")
     for name, pending in table.data_init.items():
-        notes.append(f"data pass pending ({name}, init={pending.split('-')[0]!r}): see adapt_compiler/data_init.py")
+        notes.append(f"data pass pending ({name}, init={pending.split('-')[0]!r}): see adapt_compiler/data_init/")
     return notes
 
 

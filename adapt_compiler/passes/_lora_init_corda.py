@@ -16,7 +16,7 @@ for PiSSA / OLoRA; `report()` lists it, delete_adapter restores W). A saved CorD
 data (ac.preprocess_corda) or from corda_config's cache_file (the eigens PEFT and we save there).
 
 The same sequence of torch operations as PEFT 0.21.2 (`peft/tuners/lora/corda.py`, `LoraLayer.corda_init`),
-so the factors agree to float rounding. The data pass is in `data_init.py`.
+so the factors agree to float rounding. The data pass is in `data_init/corda.py`.
 """
 
 from __future__ import annotations
@@ -106,4 +106,4 @@ def corda_factors(weight: torch.Tensor, eig: tuple, scaling: float, fqn: str) ->
     return InitResult(a=a, b=b, base=base)
 
 
-register_init(Initialiser("corda", None, data=True, notes="data pass: ac.preprocess_corda (data_init.py)"))
+register_init(Initialiser("corda", None, data=True, notes="data pass: ac.preprocess_corda (data_init/corda.py)"))

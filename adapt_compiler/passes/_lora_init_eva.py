@@ -18,7 +18,7 @@ distribution gives the group's computed layer the highest rank of the group.
 This file holds what PEFT 0.21.2 computes (`peft/tuners/lora/eva.py`, `peft/utils/incremental_pca.py`),
 written as the same sequence of torch operations so the factors agree to float rounding; the data pass
 itself (running the captured graph, reading each adapted layer's input at its slot) is in
-`data_init.py`. Initialiser "eva" has `data=True`: until that pass runs, the adapter holds PEFT's
+`data_init/eva.py`. Initialiser "eva" has `data=True`: until that pass runs, the adapter holds PEFT's
 placeholder (A kaiming-uniform, B zero).
 """
 
@@ -176,4 +176,4 @@ def rank_distribution(pcas: dict, layer_pca: dict, equal_to: dict, budget: int, 
 
 # Linear and HF Conv1D layers, the ones PEFT's EVA computes. On other LoRA layers (embeddings, convs,
 # MultiheadAttention) PEFT falls back to the plain init with a warning; here `check` refuses them by name
-register_init(Initialiser("eva", None, data=True, notes="data pass: ac.initialize_eva (data_init.py)"))
+register_init(Initialiser("eva", None, data=True, notes="data pass: ac.initialize_eva (data_init/eva.py)"))

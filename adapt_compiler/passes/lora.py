@@ -58,7 +58,7 @@ class LoRA(AdapterSpec):
     use_bdlora: dict | None = None
     kasa_config: dict | None = None
     velora_config: dict | None = None
-    # init="eva" / "corda": PEFT's EvaConfig / CordaConfig fields (data_init.py runs their data passes)
+    # init="eva" / "corda": PEFT's EvaConfig / CordaConfig fields (data_init/ runs their data passes)
     eva_config: dict | None = None
     corda_config: dict | None = None
     loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
@@ -142,7 +142,7 @@ REFUSED = {
 REFUSED_INITS = {
     "lora_ga": " (LoRA-GA needs the gradients PEFT's preprocess_loraga collects)",
 }
-# initialisations completed by a pass over the user's data (data_init.py): until it runs, the adapter
+# initialisations completed by a pass over the user's data (data_init/): until it runs, the adapter
 # holds placeholders, and calling the module says which function to run
 DATA_INITS = {
     "eva": "ac.initialize_eva(m, dataloader) (PEFT's initialize_lora_eva_weights)",
