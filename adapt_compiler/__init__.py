@@ -2,6 +2,7 @@
 
 from . import export as _export_module  # noqa: F401 - loaded first so `ac.export` stays the function
 from .api import backend, compile, export, export_onnx, package
+from .data_init import get_eva_state_dict, initialize_eva, preprocess_corda
 from .errors import AdapterError, AdapterShapeError
 from .export import adapter_constants
 from .generation_export import GenerationPrograms
@@ -23,8 +24,13 @@ __all__ = [
     "compile",
     "export",
     "export_onnx",
+    "get_eva_state_dict",
+    "initialize_eva",
+    "initialize_lora_eva_weights",
     "package",
+    "preprocess_corda",
 ]
+initialize_lora_eva_weights = initialize_eva  # PEFT's name
 __version__ = "0.1.0"
 
 

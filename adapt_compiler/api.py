@@ -9,6 +9,7 @@ from torch import nn
 from . import compile_cache as compile_caches
 from . import formats
 from .checkpoint import load_adapter_state_dict, warn_if_quantization_differs
+from .data_init import run_pending
 from .errors import AdapterError, ExportError
 from .export import export_onnx as _export_onnx
 from .export import export_program, package_program
@@ -50,7 +51,7 @@ def _read_specs(spec, model: nn.Module, component: str | None = None) -> dict:
 def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None, lowering: str = "inductor",
             adapter_name: str | None = None, verify: bool = True, component: str | None = None,
             memory_budget: float | None = None, max_adapters: int | None = None, max_rank: int | None = None,
-            evict: bool = False, compile_cache: bool = False) -> AdaptedModule:
+            evict: bool = False, compile_cache: bool = False, init_data=None) -> AdaptedModule:
     """Adapt `model` with `spec`. The model itself is never modified.
 
     `spec` may be an adapter path: a PEFT directory, or a kohya/LyCORIS or diffusers .safetensors file
@@ -82,7 +83,12 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     `compile_cache=True` (with `spec` a PEFT directory saved by `m.save_adapter(dir, compile_cache=True)`):
     load the compile caches saved there before anything is compiled, if they were made for this
     model, spec, torch and adapt_compiler code; report() says whether they were loaded or why not
-    (compile_cache.py). Off by default: the cache holds pickled compiled code."""
+    (compile_cache.py). Off by default: the cache holds pickled compiled code.
+
+    `init_data` (a dataloader, or a list of batches): the data pass of a data-driven LoRA init, run before
+    compile returns: `LoRA(init="eva")` (ac.initialize_eva) and `LoRA(init="corda")` (ac.preprocess_corda, one
+    sample per batch). Without it such an adapter waits for that call (a CorDA adapter whose
+    corda_config cache_file exists is completed from the cache). data_init/ says what each leaves."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"compile(): model must be a torch.nn.Module, got {type(model).__name__}.")
     if lowering not in LOWERINGS and not callable(lowering):
@@ -120,6 +126,7 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     for name, (_, tensors, _, where) in read.items():
         if tensors is not None:
             warn_if_quantization_differs(m.table, name, where)
+    run_pending(m, init_data)  # EVA / CorDA: their data passes (or CorDA's cache file)
     if merge:
         m.merge()
         m.eval()

@@ -279,6 +279,8 @@ def load_adapter_state_dict(table, state_dict: dict, name: str, where: str = "st
     given = _normalise_keys(table, name, state_dict)
     check_tensors(expected, given, where, f"adapter {name!r}", padded=hotswap)
     copy_tensors(expected, given)
+    if table.data_init.get(name) == "corda":  # trained factors: only the residual base is still to come
+        table.data_init[name] = "corda-residual"
 
 
 def load_sub_adapters(table, method, name: str, sub_adapters: dict) -> None:
@@ -446,7 +448,7 @@ def _write_temp(path: Path, write) -> str:
     return tmp
 
 
-def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Path, dict, dict, dict]]:
+def _payloads(table, root: Path, names: list[str], layout: str, convert=None) -> list[tuple[Path, dict, dict, dict]]:
     """(directory, tensors, config, safetensors metadata) of every folder a save writes: each adapter
     (layout "first": the first in `root`, others in `root/<name>/`; layout "peft": PeftModel.save_pretrained's,
     the adapter named "default" in `root`, every other in `root/<name>/`) and each graph method's
@@ -463,7 +465,10 @@ def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Pa
             # PEFT opens `adapters` values as given (relative = to its cwd), so record the folders'
             # absolute paths; loading falls back to <root>/<name> when the checkpoint has been moved
             config["adapters"] = {sub: str((target / sub).resolve()) for sub in subs}
-        out.append((target, adapter_state_dict(table, n), config, metadata))
+        tensors = adapter_state_dict(table, n)
+        if n in (convert or {}):  # PEFT's path_initial_model_for_weight_conversion
+            tensors, config = converted_to_lora(tensors, config, Path(convert[n]))
+        out.append((target, tensors, config, metadata))
         for sub, (sub_spec, fqns, tensors) in subs.items():
             sub_config = peft_config(table, n, sub_spec.replace(targets=sub_spec.targets or list(fqns)))
             out.append((target / sub, {k: v.detach().contiguous() for k, v in tensors.items()}, sub_config,
@@ -472,11 +477,12 @@ def _payloads(table, root: Path, names: list[str], layout: str) -> list[tuple[Pa
 
 
 def save_adapter(table, path, adapter_name: str | list[str] | None = None, layout: str = "first",
-                 extra_files=None) -> None:
+                 extra_files=None, convert: dict | None = None) -> None:
     """PEFT's files: the first (or named) adapter in `path`, any others in `path/<name>/`
     (`layout="peft"`: the one named "default" in `path`, see _payloads). `extra_files`: {file name:
     bytes} more for `path` (the compile cache, compile_cache.py), staged with the adapter files and
-    renamed after them, in the dict's order."""
+    renamed after them, in the dict's order. `convert`: {adapter name: the directory its initial adapter was
+    saved in}, written as plain LoRA (`converted_to_lora`)."""
     if adapter_name is None:
         names = table.names()
     else:
@@ -487,7 +493,7 @@ def save_adapter(table, path, adapter_name: str | list[str] | None = None, layou
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a directory; choose a directory path.")
-    payloads = _payloads(table, root, names, layout)
+    payloads = _payloads(table, root, names, layout, convert)
     for target, *_ in payloads:  # fail before writing anything
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -517,6 +523,40 @@ def save_adapter(table, path, adapter_name: str | list[str] | None = None, layou
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+
+
+def converted_to_lora(tensors: dict, config: dict, initial: Path) -> tuple[dict, dict]:
+    """PEFT's `path_initial_model_for_weight_conversion` (LoraModel.subtract_mutated_init): an adapter whose
+    init changed the base (PiSSA, OLoRA, CorDA: W = W_res + s·B0·A0) becomes plain LoRA over the original W.
+    With A, B trained, W_res + s·B·A = W + s·(B·A − B0·A0) = W + s·[B | −B0]·[A ; A0], a LoRA of rank 2r with
+    the same scaling (alpha doubled; √2 with rsLoRA). `initial`: the directory the adapter was saved in right
+    after its init. As PEFT does, that directory's config is rewritten with init_lora_weights=True."""
+    from safetensors.torch import load_file
+
+    if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
+        raise AdapterError("save: path_initial_model_for_weight_conversion is not supported with use_rslora and a "
+                           "rank_pattern / alpha_pattern (PEFT raises too).")
+    other = sorted(k for k in tensors if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")))
+    if other:
+        raise AdapterError(f"save: path_initial_model_for_weight_conversion converts plain LoRA factors; this adapter "
+                           f"also has {other[0]} (PEFT would drop it silently); save without the conversion.")
+    file = initial / WEIGHTS_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{initial}: no {WEIGHTS_NAME}; path_initial_model_for_weight_conversion must be the "
+                              f"directory the adapter was saved in right after its initialisation.")
+    start = load_file(str(file))
+    check_tensors(tensors, start, str(initial), "the initial adapter")
+    out = {}
+    for k, t in tensors.items():
+        a_side = k.endswith(".lora_A.weight")
+        out[k] = torch.cat([t, start[k].to(t)], 0) if a_side else torch.cat([t, -start[k].to(t)], 1)
+    init_config = {**config, "init_lora_weights": True}
+    write_text_atomic(initial / CONFIG_NAME, json.dumps(init_config, indent=2, default=str))
+    rank_pattern = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
+    alpha_pattern = {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}
+    alpha = config["lora_alpha"] * (2**0.5 if config.get("use_rslora") else 2)
+    return out, {**config, "init_lora_weights": True, "r": 2 * config["r"], "lora_alpha": alpha,
+                 "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
 
 
 def write_text_atomic(path: Path, text: str) -> None:

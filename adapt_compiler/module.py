@@ -45,7 +45,7 @@ from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
 from .passes.method import BASE_WEIGHT
-from .passes.lora import LoRA
+from .passes.lora import DATA_INITS, LoRA, data_pass_missing
 from .passes.match import describe_layer, layer_kind, target_layers
 from .progress import status
 from .quant import KINDS as QUANT_KINDS
@@ -242,10 +242,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             if base is not None:
                 bases[layer.weight_fqn] = (base.t() if layer.transposed else base).contiguous()
             created[fqn] = (layer, AdapterParams(tensors, method.buffers(spec)))
-        if bases:  # into our frozen copy (the user's tensor keeps its storage); restored by delete_adapter
-            self.table.base_originals[name] = {w: frozen[w].data for w in bases}
-            for w, base in bases.items():
-                frozen[w].data = base.to(frozen[w].device)
+        self._set_residual_bases(name, bases)
         if shared is not None:
             self.shared[name] = shared
         for fqn, (layer, params) in created.items():
@@ -253,6 +250,20 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             if key not in self.slots:
                 self.slots[key] = AdapterSlot(layer, self.state)
             self.slots[key].add(name, method, params.to(frozen[layer.weight_fqn].device), shared)
+        if getattr(spec, "init", None) in DATA_INITS:  # EVA / CorDA: placeholders until their data pass
+            self.table.data_init[name] = spec.init
+
+    def _set_residual_bases(self, name: str, bases: dict) -> None:
+        """Weight FQN -> the residual base an init (PiSSA, OLoRA, CorDA) puts under adapter `name`: into our
+        frozen copy (the user's tensor keeps its storage); the originals are kept and delete_adapter restores them."""
+        frozen = self.table.frozen
+        originals = self.table.base_originals.setdefault(name, {})
+        for w, base in bases.items():
+            originals.setdefault(w, frozen[w].data)
+            frozen[w].data = base.to(device=frozen[w].device, dtype=frozen[w].dtype)
+        if not originals:
+            del self.table.base_originals[name]
+        self.invalidate_graphs()
 
     def _check_quantized(self, method, spec, layer) -> None:
         """Refuse, by name, a method PEFT does not support over this quantized layer, or one whose
@@ -296,6 +307,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         self.table.method_state.pop(name, None)
         for w, original in self.table.base_originals.pop(name, {}).items():  # undo a residual init
             self.table.frozen[w].data = original
+        self.table.data_init.pop(name, None)
         del self.state.specs[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
         self.invalidate_graphs()
@@ -431,6 +443,9 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             return self._traced_forward(args, kwargs, adapter_names, _root_name(root))
         if self.training:
             check_driving_trainer(self)  # Trainer options we cannot honour, refused by name
+        pending = [n for n in self.state.active if n in self.table.data_init]
+        if pending:
+            raise AdapterError(data_pass_missing(pending[0], self.table.data_init[pending[0]]))
         entry = self._entry_for(args, kwargs, root)
         self._traced[_structure_key(self.training, args, kwargs, _root_name(root))] = entry
         variant = self._variant(adapter_names)

@@ -73,6 +73,8 @@ class Report:
     regions: list = field(default_factory=list)  # lowering="regional": groups of identical blocks (lowering/regional.py)
     compile_cache: str | None = None  # what ac.compile did with a compile cache next to the adapter (compile_cache.py)
     auto: list = field(default_factory=list)  # lowering="auto": per graph, when it switched from eager (lowering/auto.py)
+    # what the adapters' inits changed in our frozen copy of the base, and data passes still to run
+    init_notes: list = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)
@@ -120,6 +122,7 @@ class Report:
         lines += [f"regional: {r}" for r in self.regions]
         lines += [self.compile_cache] if self.compile_cache else []
         lines += [f"auto {a}" for a in self.auto]
+        lines += self.init_notes
         return "\n".join(lines)
 
     # -- rich -------------------------------------------------------------------------------------
@@ -176,6 +179,8 @@ class Report:
             totals.append(f"\n{self.compile_cache}")
         for a in self.auto:
             totals.append(f"\nauto {a}")
+        for note in self.init_notes:
+            totals.append(f"\n{note}")
         parts = [table, totals]
         if unmatched:
             parts.append(self._unmatched_table())
@@ -294,12 +299,26 @@ def build_report(table, lowering: str, graph=None, checks=(), workarounds=(), re
         n += rep.graph_adapters.get(name, ("", 0))[1]
         n += sum(p.numel() for p in table.shared[name].parameters()) if name in table.shared else 0
         rep.adapters[name] = (spec.method, n)
+    rep.init_notes = init_notes(table)
     rep.unmatched = find_unmatched(table) + (graph_unmatched(table, graph) if graph is not None else [])
     rep.trainable_params = sum(p.numel() for *_, p in table.tensors() if p.requires_grad)
     rep.base_params = sum(p.numel() for p in table.model.parameters())
     device = next(iter(table.frozen.values())).device if table.frozen else None
     rep.kernel = kernel_backend(device) if device is not None else "-"
     return rep
+
+
+def init_notes(table) -> list[str]:
+    """One line per adapter whose init replaced base weights by a residual (PiSSA, OLoRA, CorDA: in our
+    frozen copy, never the user's model) or whose data pass (EVA, CorDA) has not run yet."""
+    notes = []
+    for name, originals in table.base_originals.items():
+        init = getattr(table.specs.get(name), "init", "?")
+        notes.append(f"residual base ({name}, init={init!r}): our copy of {len(originals)} weight(s) holds W - s*B0*A0 "
+                     f"({', '.join(sorted(originals)[:3])}{', ...' if len(originals) > 3 else ''}); your model keeps W")
+    for name, pending in table.data_init.items():
+        notes.append(f"data pass pending ({name}, init={pending.split('-')[0]!r}): see adapt_compiler/data_init/")
+    return notes
 
 
 def find_unmatched(table) -> list[UnmatchedRow]:

@@ -79,6 +79,9 @@ class AdapterTable:
     recompute: Recompute = field(default_factory=Recompute)  # activation checkpointing of training graphs
     # adapter name -> {weight FQN: the frozen data before its init swapped in a residual base (PiSSA, ...)}
     base_originals: dict = field(default_factory=dict)
+    # adapter name -> its pending data pass (data_init/): "eva" / "corda" (the factors come from the data),
+    # "corda-residual" (factors loaded from a checkpoint; the pass rebuilds the residual base they belong to)
+    data_init: dict = field(default_factory=dict)
     pool: Any = None  # lowering.pool.AdapterPool: adapters served from preallocated slots, or None
     # FQN -> quant.QuantInfo of each quantized layer, read once at compile time; its operands are in `frozen`
     quant: dict = field(default_factory=dict)

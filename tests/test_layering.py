@@ -47,7 +47,7 @@ LAYERS = [
     ("pipeline", ("pipeline", "report", "graph_view", "targeting")),
     ("integrations", ("integrations",)),
     ("module", ("module",)),
-    ("front", ("export", "generation_export", "api")),
+    ("front", ("export", "generation_export", "data_init", "api")),
     ("entry", ("", "cli", "commands")),
 ]
 

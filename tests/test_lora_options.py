@@ -2,6 +2,7 @@
 whole contract (tests/oracle.py `check_full_parity`): outputs and adapter gradients, a training step,
 both checkpoint directions, and merge where PEFT merges. Options out of scope are refused by name."""
 
+import copy
 import json
 
 import peft
@@ -79,7 +80,6 @@ def test_target_parameters_on_moe_experts(tmp_path):
     ("monteclora_config", {"monteclora_n": 8}, ["monteclora_config is not supported", "sampler"]),
     ("use_qalora", True, ["use_qalora is not supported"]),
     ("layer_replication", [[0, 1]], ["layer_replication is not supported"]),
-    ("init_lora_weights", "corda", ["init='corda'", "preprocess_corda"]),
     ("init_lora_weights", "loftq", ["init='loftq'", "quantized"]),
 ])
 def test_out_of_scope_options_refused_by_name(field, value, words, tmp_path):
@@ -97,7 +97,7 @@ def test_out_of_scope_options_refused_by_name(field, value, words, tmp_path):
 
 def test_a_directory_trained_with_eva_loads_as_peft_loads_it(tmp_path):
     """EVA only chose the starting A and the ranks: its directory is plain LoRA tensors, and PEFT's
-    from_pretrained loads it as such. Starting a new EVA adapter (it needs a pass over data) is refused."""
+    from_pretrained loads it as such. A new EVA adapter waits for its data pass (tests/test_lora_data_init.py)."""
     from oracle import assert_close, randomize_
 
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV))
@@ -111,6 +111,55 @@ def test_a_directory_trained_with_eva_loads_as_peft_loads_it(tmp_path):
     batch = token_batch()
     with torch.no_grad():
         assert_close(m(**batch).logits, theirs(**batch).logits, what="EVA directory")
-    with pytest.raises(ac.AdapterError, match="initialize_lora_eva_weights"):
-        ac.LoRA(r=4, targets=QV, init="eva")
+    fresh = ac.compile(tiny_llama(), ac.LoRA(r=4, targets=QV, init="eva"), lowering="eager")
+    with pytest.raises(ac.AdapterError, match="initialize_eva"):
+        fresh(**batch)
 
+
+
+def test_target_parameters_on_2d_weights(tmp_path):
+    """target_parameters on plain 2-D weights (PEFT's ParamWrapper on an nn.Linear's weight): W' = W + s·B·A
+    wherever the graph reads W; both checkpoint directions, a step, merge."""
+    targets = ["self_attn.q_proj.weight", "mlp.down_proj.weight"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=targets)
+    spec = ac.LoRA(r=4, alpha=8, targets=[], target_parameters=targets)
+    m = check_full_parity(tiny_llama(layers=1), token_batch(), cfg, spec, tmp_path, keys=("lora_",))
+    assert sorted(s.layer.fqn for s in m.table.slots.values()) == [
+        "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_weight_conversion_to_plain_lora_matches_peft(tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=...): a trained PiSSA adapter written as plain
+    LoRA of rank 2r over the original weights ([A; A0], [B, -B0]), as PEFT writes it; it loads on the
+    untouched base model, in PEFT and here, with the trained outputs."""
+    from safetensors.torch import load_file
+
+    from oracle import assert_close, call_model, logits_of, square_loss
+
+    base, batch = tiny_llama(layers=1), token_batch()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV,
+                                                                   init_lora_weights="pissa"))
+    m = ac.compile(base, ac.LoRA(r=4, alpha=8, targets=QV, init="pissa"), lowering="eager")
+    pm.save_pretrained(tmp_path / "peft_init")
+    m.save_pretrained(tmp_path / "ours_init")
+    for model, params in ((pm, [p for p in pm.parameters() if p.requires_grad]), (m, m.adapter_parameters())):
+        model.train()
+        square_loss(call_model(model, batch)).backward()
+        torch.optim.SGD(params, lr=0.5).step()
+        model.eval()
+    want = logits_of(call_model(m, batch))
+    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
+    m.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
+    for name in ("adapter_config.json",):
+        theirs, ours = (json.loads((tmp_path / d / name).read_text()) for d in ("peft", "ours"))
+        assert (ours["r"], ours["lora_alpha"], ours["init_lora_weights"]) == (8, 16, True)
+        assert (theirs["r"], theirs["lora_alpha"], theirs["init_lora_weights"]) == (8, 16, True)
+    assert json.loads((tmp_path / "ours_init" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    theirs, ours = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(theirs) == sorted(ours)
+    for k in theirs:
+        assert_close(ours[k], theirs[k], what=k)
+    loaded = ac.compile(base, str(tmp_path / "ours"), lowering="eager")
+    assert_close(logits_of(call_model(loaded, batch)), want, what="converted, ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert_close(logits_of(call_model(back, batch)), want, what="converted, PEFT")

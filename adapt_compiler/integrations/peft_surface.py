@@ -216,8 +216,6 @@ class PeftSurface:
         if save_embedding_layers is True:
             raise AdapterError("save_pretrained: save_embedding_layers=True is not supported; the base embeddings are "
                                "frozen and unchanged here, so there is nothing to save with the adapter.")
-        if path_initial_model_for_weight_conversion is not None:
-            raise AdapterError("save_pretrained: path_initial_model_for_weight_conversion is not supported.")
         if os.path.isfile(save_directory):
             raise AdapterError(f"save_pretrained: {save_directory} is a file; pass a directory.")
         names = list(self.state.specs) if selected_adapters is None else list(selected_adapters)
@@ -227,7 +225,10 @@ class PeftSurface:
                                f"{list(self.state.specs)}.")
         if not is_main_process:
             return
-        checkpoint.save_adapter(self.table, save_directory, names, layout="peft")
+        convert = None
+        if path_initial_model_for_weight_conversion is not None:  # PiSSA / OLoRA / CorDA -> plain LoRA (rank 2r)
+            convert = {n: path_initial_model_for_weight_conversion for n in names}
+        checkpoint.save_adapter(self.table, save_directory, names, layout="peft", convert=convert)
         self.create_or_update_model_card(save_directory)
 
     def create_or_update_model_card(self, output_dir) -> None:

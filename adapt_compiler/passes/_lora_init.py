@@ -12,8 +12,9 @@ model's weight; we swap the residual into our frozen copy, never the user's mode
 checkpoint saved with such an init runs the init again, then copies the trained A, B over it: the
 residual is part of what the checkpoint means, in PEFT as here.
 
-Data-driven initialisers (EVA, CorDA) are not implemented: they need PEFT's data passes
-(initialize_lora_eva_weights, preprocess_corda) over the user's data; passes/lora.py refuses them by name.
+Data-driven initialisers (EVA, CorDA: `data=True`) start as the plain init (A kaiming, B zero); their
+factors come from a pass over the user's data that data_init/ runs on the captured graph
+(ac.initialize_eva, ac.preprocess_corda, or compile(init_data=)). Their math is in their own files here.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Initialiser:
     kinds: frozenset = frozenset({"linear"})  # layer kinds PEFT runs it on
     transposed_ok: bool = True  # HF Conv1D (weights stored (d_in, d_out))
     frozen: frozenset = frozenset()  # tensors that stay frozen (MiCA's lora_B): saved, never trained
-    data: bool = False  # completed from activations by ac.initialize_from_data
+    data: bool = False  # completed from the layers' inputs over the user's data (data_init/)
     pattern: str | None = None  # a regex for parametrised names, e.g. r"pissa_niter_(\d+)"
     notes: str = ""
     extra: dict = field(default_factory=dict)

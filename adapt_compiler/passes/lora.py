@@ -28,6 +28,8 @@ from ..default_targets import moe_conversion
 from ..spec import AdapterSpec, check_positive, check_probability
 from . import _lora_params, _lora_variants
 from ._lora_init import INITIALISERS, initialiser_for
+from ._lora_init_corda import corda_config_of
+from ._lora_init_eva import eva_config_of
 from ._lora_init_loftq import check_loftq_config, loftq_weights
 from ._patterns import pattern_value
 from .method import BASE_WEIGHT, AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
@@ -43,7 +45,7 @@ class LoRA(AdapterSpec):
     rslora: bool = False
     use_dora: bool = False
     # True (kaiming A, zero B) | "gaussian" | False (B not zero) | an initialiser of passes/_lora_init*.py:
-    # "pissa", "pissa_niter_<k>", "olora", "mica" (PEFT's init_lora_weights values)
+    # "pissa", "pissa_niter_<k>", "olora", "mica", "eva", "corda" (PEFT's init_lora_weights values)
     init: bool | str = True
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
@@ -56,7 +58,7 @@ class LoRA(AdapterSpec):
     use_bdlora: dict | None = None
     kasa_config: dict | None = None
     velora_config: dict | None = None
-    # kept as saved (a new init="eva" / "corda" adapter is refused: REFUSED_INITS; an EVA directory loads)
+    # init="eva" / "corda": PEFT's EvaConfig / CordaConfig fields (data_init/ runs their data passes)
     eva_config: dict | None = None
     corda_config: dict | None = None
     loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
@@ -72,17 +74,26 @@ class LoRA(AdapterSpec):
             why = REFUSED_INITS.get(self.init, "")
             raise AdapterError(f"LoRA: init={self.init!r} (PEFT's init_lora_weights) is not supported{why}; use True, "
                                f"False, 'gaussian', 'loftq' or one of {known}.")
+        if self.init == "eva":
+            self.eva_config = eva_config_of(_as_dict(self.eva_config, "eva_config"))
+        if self.init == "corda":
+            self.corda_config = corda_config_of(_as_dict(self.corda_config, "corda_config"))
+        if self.init in DATA_INITS:
+            combined = [n for n, on in (("use_dora", self.use_dora), ("target_parameters", self.target_parameters),
+                                        ("trainable_token_indices", self.trainable_token_indices),
+                                        ("use_bdlora", self.use_bdlora), ("kasa_config", self.kasa_config),
+                                        ("velora_config", self.velora_config)) if on]
+            if combined:
+                raise AdapterError(f"LoRA: init={self.init!r} with {combined[0]} is not supported: the data pass "
+                                   f"initialises plain Linear LoRA factors; drop {combined[0]} or use init=True.")
         if self.init == "loftq":
             check_loftq_config(self.loftq_config)
         elif self.loftq_config:
             raise AdapterError("LoRA: loftq_config is only read with init='loftq'; set init='loftq' or drop it.")
         for name in ("use_bdlora", "kasa_config", "velora_config", "eva_config", "corda_config"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, dict):
-                value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-                if not isinstance(value, dict):
-                    raise AdapterError(f"LoRA: {name} must be a dict of PEFT's config fields, got {type(value).__name__}.")
-                setattr(self, name, value)
+            if value is not None:
+                setattr(self, name, _as_dict(value, name))
         variants = [n for n, on in (("use_dora", self.use_dora), ("init='mica'", self.init == "mica"),
                                     ("use_bdlora", self.use_bdlora), ("kasa_config", self.kasa_config),
                                     ("velora_config", self.velora_config)) if on]
@@ -104,6 +115,16 @@ class LoRA(AdapterSpec):
         return bool(self.target_parameters or self.trainable_token_indices)
 
 
+def _as_dict(value, name: str) -> dict | None:
+    """A PEFT sub-config (EvaConfig, CordaConfig, ...) as the dict of its fields."""
+    if value is None or isinstance(value, dict):
+        return value
+    value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if not isinstance(value, dict):
+        raise AdapterError(f"LoRA: {name} must be a dict of PEFT's config fields, got {type(value).__name__}.")
+    return value
+
+
 # PEFT LoraConfig fields that are out of scope, each with why; refused by name when set
 REFUSED = {
     "alora_invocation_tokens": "aLoRA switches the adapter on per token after the invocation tokens, which needs "
@@ -120,12 +141,26 @@ REFUSED = {
 }
 REFUSED_INITS = {
     "lora_ga": " (LoRA-GA needs the gradients PEFT's preprocess_loraga collects)",
-    "eva": " (EVA initialises A from activations PEFT's initialize_lora_eva_weights collects over the user's data, "
-           "and redistributes ranks; train with PEFT's EVA, or pass its rank_pattern with init=True; a directory "
-           "PEFT trained with EVA loads here as it is)",
-    "corda": " (CorDA decomposes each weight with covariances PEFT's preprocess_corda collects over the user's "
-             "data, and the base becomes the residual)",
 }
+# initialisations completed by a pass over the user's data (data_init/): until it runs, the adapter
+# holds placeholders, and calling the module says which function to run
+DATA_INITS = {
+    "eva": "ac.initialize_eva(m, dataloader) (PEFT's initialize_lora_eva_weights)",
+    "corda": "ac.preprocess_corda(m, data=batches) (PEFT's preprocess_corda)",
+}
+
+
+def data_pass_missing(name: str, pending: str) -> str:
+    """The error for calling a module whose adapter still waits for its data pass."""
+    if pending == "corda-residual":
+        return (f"adapter {name!r} was saved with init_lora_weights='corda': its A, B belong to the residual base "
+                f"W - s*B0*A0 of CorDA's decomposition over the calibration data, as in PEFT (which needs "
+                f"preprocess_corda before from_pretrained too). Run ac.preprocess_corda(m, data=batches, "
+                f"adapter_name={name!r}) with the same data, or keep corda_config['cache_file'] next to it, or pass "
+                f"init_data= to ac.compile.")
+    init = pending.split("-")[0]
+    return (f"adapter {name!r} has init={init!r}, a data-driven initialisation whose pass has not run yet. Run "
+            f"{DATA_INITS[init]} with adapter_name={name!r}, or pass init_data=<your batches> to ac.compile.")
 
 
 def rank_of(spec: LoRA, layer: Layer) -> int:
@@ -196,10 +231,13 @@ class LoRAMethod(WeightMethod):
             init = found[0]
             if layer.kind not in init.kinds or (layer.transposed and not init.transposed_ok):
                 what = "an HF Conv1D (transposed) layer" if layer.transposed else f"a {layer.kind} layer"
+                peft_does = (f"PEFT computes it on {', '.join(sorted(init.kinds))} layers and gives the others the plain "
+                             f"random init with a warning" if init.data else
+                             f"PEFT runs it on {', '.join(sorted(init.kinds))}"
+                             f"{'' if init.transposed_ok else ', not HF Conv1D'}")
                 raise AdapterShapeError(
-                    f"{layer.fqn}: init={spec.init!r} (PEFT's init_lora_weights) does not support {what} (PEFT "
-                    f"runs it on {', '.join(sorted(init.kinds))}"
-                    f"{'' if init.transposed_ok else ', not HF Conv1D'}); exclude the layer or use init=True.")
+                    f"{layer.fqn}: init={spec.init!r} (PEFT's init_lora_weights) does not support {what} ({peft_does}); "
+                    f"exclude the layer from targets, or use init=True.")
         r = rank_of(spec, layer)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
