@@ -4,28 +4,17 @@ Each case checks the factors (and EVA's rank/alpha pattern), outputs, adapter gr
 and both checkpoint directions; the user's model stays untouched."""
 
 import copy
-import dataclasses
 import json
-import sys
-import types
 
 import peft
 import pytest
 import torch
+from peft.tuners.lora import initialize_lora_eva_weights
+from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 
 import adapt_compiler as ac
 from models import tiny_llama
 from oracle import assert_close, call_model, compare_grads, logits_of, square_loss
-
-# PEFT 0.21.2's corda.py imports `attr` (the attrs package) for one plain container (CordaEigens(S_WC=, U_WC=,
-# V_WC=)); attrs is not installed here. A dataclass gives the same container; none of PEFT's math changes.
-if "attr" not in sys.modules:
-    try:
-        import attr  # noqa: F401
-    except ImportError:
-        sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
-from peft.tuners.lora import initialize_lora_eva_weights  # noqa: E402
-from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda  # noqa: E402
 
 EVA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # q/v share their input (one PCA for both)
 CORDA_TARGETS = ["q_proj", "v_proj", "down_proj"]
