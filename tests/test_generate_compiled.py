@@ -129,3 +129,26 @@ def test_the_static_cache_object_is_kept_across_decode_steps(compiled):
     finally:
         type(driver)._update_model_kwargs_for_generation = original
     assert len(seen) == 4 and all(c is cache for c in seen)
+
+
+def test_one_row_decode_computes_linear_layers_as_reductions_with_peft_tokens(compiled):
+    """Batch 1: the decode step's linear layers see one row; Inductor computes them as fused reductions
+    (lowering/gemv.py), the decision is on the graph, and the tokens are still PEFT's. The 2-row
+    decode graph of the other tests is left to BLAS."""
+    from adapt_compiler.lowering.gemv import GEMV
+
+    m, first, *_ = compiled
+    inputs = prompts(rows=1, length=7, seed=3)
+    decompositions = torch._dynamo.utils.counters["inductor"]["decompose_mm"]
+    ours = m.generate(**inputs, max_new_tokens=12, **STATIC)
+    assert torch.equal(ours, first.generate(**inputs, max_new_tokens=12, **STATIC))
+    one_row = [e for e in _entries(m, "decode") if _adapted(e.graphs).meta.get(GEMV)]
+    assert len(one_row) == 1, "the batch-1 decode graph records the decision"
+    gm = _adapted(one_row[0].graphs)
+    assert gm.meta[GEMV].startswith("8 of 8 linear layers see one row"), gm.meta[GEMV]  # q/k/v/o slots, MLP, head
+    assert gm.meta["ac_guard"].status == "passed"
+    # Inductor rewrote them: each adapted layer's base product and LoRA's two products, and the rest
+    assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] - decompositions >= 8
+    two_rows = [e for e in _entries(m, "decode") if e is not one_row[0]]
+    assert two_rows and all(GEMV not in _adapted(e.graphs).meta for e in two_rows)
+    assert "matrix-vector products as fused reductions" in str(m.report())
