@@ -73,7 +73,7 @@ class Report:
     regions: list = field(default_factory=list)  # lowering="regional": groups of identical blocks (lowering/regional.py)
     compile_cache: str | None = None  # what ac.compile did with a compile cache next to the adapter (compile_cache.py)
     auto: list = field(default_factory=list)  # lowering="auto": per graph, when it switched from eager (lowering/auto.py)
-    gemv: list = field(default_factory=list)  # per graph: one-row linear layers computed as reductions (lowering/gemv.py)
+    gemv: list = field(default_factory=list)  # per KV-cache graph: lifted tensors, one-row layers (lowering/lifted.py, gemv.py)
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)

@@ -45,9 +45,14 @@ def _entries(m, phase):
 
 
 def _compiled_code_entries(entry) -> int:
-    """How many compiled versions Dynamo holds for this graph (a recompile adds one)."""
+    """How many compiled versions Dynamo holds for this graph (a recompile adds one). A static decode
+    graph is compiled over its lifted tensors (lowering/lifted.py): one program per adapter state."""
     step = _adapted(entry.lowered)
-    return len(_debug_get_cache_entry_list(step.gm.forward.__code__))
+    served = step.fn.fn  # what the correctness guard serves after the first call
+    programs = getattr(served, "programs", None)
+    compiled = [getattr(fn, "compiled", fn) for fn, _ in programs.values()] if programs is not None else []
+    codes = [fn._orig_mod.forward.__code__ for fn in compiled] or [step.gm.forward.__code__]
+    return sum(len(_debug_get_cache_entry_list(code)) for code in codes)
 
 
 def _adapted(by_key: dict):
@@ -152,3 +157,31 @@ def test_one_row_decode_computes_linear_layers_as_reductions_with_peft_tokens(co
     two_rows = [e for e in _entries(m, "decode") if e is not one_row[0]]
     assert two_rows and all(GEMV not in _adapted(e.graphs).meta for e in two_rows)
     assert "matrix-vector products as fused reductions" in str(m.report())
+
+
+def test_set_adapter_between_generate_calls_runs_each_adapters_decode_program(compiled):
+    """The decode graph is compiled over its tensors with the slots traced in (lowering/lifted.py):
+    one program per adapter state. Switching adapters gives each adapter's PEFT tokens, and once both
+    have run, switching back and forth compiles nothing."""
+    from adapt_compiler.lowering.lifted import LIFTED
+
+    m, first, second, root = compiled
+    inputs = prompts()
+    m.load_adapter(root / "b", "other")  # a new adapter rebuilds the graphs (as before lifting)
+    expected = {"default": first.generate(**inputs, max_new_tokens=6, **STATIC),
+                "other": second.generate(**inputs, max_new_tokens=6, **STATIC)}
+    try:
+        for name in ("other", "default"):
+            m.set_adapter(name)
+            assert torch.equal(m.generate(**inputs, max_new_tokens=6, **STATIC), expected[name])
+        before = _counts()
+        for name in ("other", "default"):
+            m.set_adapter(name)
+            assert torch.equal(m.generate(**inputs, max_new_tokens=6, **STATIC), expected[name])
+        assert _counts() == before, "each adapter's prefill and decode programs were compiled already"
+        decode = _entries(m, "decode")[0]
+        assert _adapted(decode.graphs).meta[LIFTED].startswith("compiled over its tensors")
+        assert len(_adapted(decode.lowered).fn.fn.programs) == 2
+    finally:
+        m.set_adapter("default")
+        m.delete_adapter("other")

@@ -32,6 +32,10 @@ OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
 MAX_DIM = 2048  # Inductor's CPU limit for decompose_mm_pass (cpu_max_other_dimension_decomposition)
 
 
+# op -> (activation arg, weight arg); linear's weight is (out, in), addmm's (HF Conv1D) is (in, out)
+_LINEAR_OPS = {torch.ops.aten.linear.default: (0, 1), torch.ops.aten.addmm.default: (1, 2)}
+
+
 def _rows_and_dims(node: fx.Node, gm: fx.GraphModule):
     """(rows, out, in) of a CPU linear layer's product at this node (rows None: symbolic), or None if
     the node is not one."""
@@ -39,15 +43,16 @@ def _rows_and_dims(node: fx.Node, gm: fx.GraphModule):
         layer = gm.get_submodule(node.target).layer
         if layer.kind != "linear" or layer.quant is not None:
             return None
-        out, inp = layer.out_features, layer.in_features
-    elif node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-        w = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+        x, (out, inp) = node.args[0], (layer.out_features, layer.in_features)
+    elif node.op == "call_function" and node.target in _LINEAR_OPS:
+        x_at, w_at = _LINEAR_OPS[node.target]
+        w = node.args[w_at].meta.get("val") if isinstance(node.args[w_at], fx.Node) else None
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             return None
-        out, inp = w.shape
+        x, (out, inp) = node.args[x_at], (w.shape if node.target is torch.ops.aten.linear.default else w.shape[::-1])
     else:
         return None
-    x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    x = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not x.is_floating_point():
         return None
     static = all(isinstance(d, int) for d in x.shape[:-1])
