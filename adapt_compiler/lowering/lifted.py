@@ -4,9 +4,9 @@ Dynamo guards the call's tensors instead of the adapted graph's module tree.
 torch.compile of an adapted graph as built traces through its AdapterSlot modules, and Dynamo guards
 everything that trace read from Python: each slot's adapter dict, parameter dicts, layer attributes
 and the active set, ~2000 guards for a 4-layer Llama with LoRA on q/k/v/o, checked on every call.
-A decode step is one call per token, and that check alone cost ~0.3-0.7 ms of a ~5 ms batch-1 token
-on the benchmark machine (a merged graph, with no slots, half of it). For an eval graph compiled over
-flat leaves (lowering/step.py) this module instead:
+A decode step is one call per token; torch.profiler put that check at ~0.7 ms per call (a merged
+graph, with no slots: ~0.4 ms) on the loaded benchmark machine, against a ~5 ms batch-1 token. For an
+eval graph compiled over flat leaves (lowering/step.py) this module instead:
 
 * traces every slot (and modules_to_save / batched-transform module) to ATen and splices it in
   (`regional.inline_call_modules`): what a slot decides from Python state (the active adapters, the
@@ -19,9 +19,9 @@ flat leaves (lowering/step.py) this module instead:
 
 Dynamo still guards every input tensor (shape, stride, dtype, requires_grad), so a tensor that
 changes shape (a new rank) still recompiles; the lifted tensors are static inputs, the call's own
-leaves keep the capture's symbolic dims (lowering/dynamic.py). Graphs whose modules read per-call Python state (a
-mixed batch's adapter names, the serving pool's indices, graph-level adapters) are compiled as
-built; `gm.meta["ac_lifted"]` says which way a graph went.
+leaves keep the capture's symbolic dims (lowering/dynamic.py). Graphs whose modules read per-call
+Python state (a mixed batch's adapter names, the serving pool's indices, graph-level adapters) are
+compiled as built; `gm.meta["ac_lifted"]` says which way a graph went.
 """
 
 from __future__ import annotations
