@@ -38,6 +38,8 @@ from .integrations.trainer import check_driving_trainer
 from .lowering import lowering_name
 from .lowering import merge as merging
 from .lowering.auto import tracing_here
+from .lowering.gemv import GEMV
+from .lowering.lifted import LIFTED
 from .lowering.mixed import check_adapter_names
 from .lowering.plan import decisions_of
 from .lowering.pool import AdapterPool, pool_indices
@@ -713,8 +715,11 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         auto = [f"{'train' if training else 'eval'}/{variant}#{i}: {e.graphs[variant, k].meta['ac_auto'].summary()}"
                 for (_, training, _), es in self._graphs.items() for i, e in enumerate(es)
                 for (variant, k) in e.lowered if "ac_auto" in e.graphs[variant, k].meta]  # lowering="auto": the switch
+        gemv = [f"{'train' if training else 'eval'}/{variant}#{i}: {e.graphs[variant, k].meta[key]}"
+                for (_, training, _), es in self._graphs.items() for i, e in enumerate(es)
+                for (variant, k) in e.lowered for key in (LIFTED, GEMV) if key in e.graphs[variant, k].meta]
         rep = build_report(self.table, lowering_name(self.lowering), graph, self._checks(), workarounds, regions,
-                           self.__dict__.get("_compile_cache_line"), auto)  # absent in pickles made before it
+                           self.__dict__.get("_compile_cache_line"), auto, gemv)  # absent in pickles made before it
         if print_table:
             rep.print()
         return rep

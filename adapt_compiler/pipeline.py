@@ -43,6 +43,7 @@ from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_sa
 from . import lowering
 from .lowering.auto import EagerUntilCompiled, no_background_compile
 from .lowering.batching import batch_parameter_transforms
+from .lowering.gemv import decode_options
 from .lowering.guard import guard
 from .lowering.merge import tied_layers
 from .lowering.plan import plan_layers
@@ -111,11 +112,12 @@ def _slot_layers(table: AdapterTable, only=None) -> dict:
             for s in table.slots.values() if only is None or s.layer.fqn in only}
 
 
-def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
+def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True, options: dict | None = None):
     """The callable that runs `gm`: compiled as `how` says. Unless `how` is "eager" or `verify` is
     off, its first call is checked against the FX graph itself (lowering/guard.py), and a graph
     that disagrees falls back to eager with a warning. "auto": `gm` itself serves the calls until
-    the "inductor" lowering of it is compiled in the background; then that does (first call checked)."""
+    the "inductor" lowering of it is compiled in the background; then that does (first call checked).
+    `options`: Inductor config for this graph (lower_flat's one-row decode options)."""
     budget = None if table.recompute.by_blocks else table.recompute.memory_budget
     if how == "eager":
         return lowering.lower(gm, how, memory_budget=budget)
@@ -125,7 +127,7 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
     # the compiled graph draws the same random numbers as the eager one (aten's generator), so
     # the check can compare training graphs with dropout, and a seed gives PEFT's masks; "auto"
     # always does, so a run's numbers do not change when it switches from eager to compiled
-    options = {"fallback_random": True} if verify or how == "auto" else None
+    options = {**({"fallback_random": True} if verify or how == "auto" else {}), **(options or {})} or None
     compiled = lowering.lower(compiled_graph, how, options, memory_budget=budget)
     served = compiled if not verify else guard(
         gm, compiled, lowering.lowering_name("inductor" if how == "auto" else how),
@@ -141,9 +143,10 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True):
 
 def lower_flat(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True) -> FlatStep:
     """`lower`, for a graph called with stateful containers (a KV cache): the compiled code takes and
-    returns flat tensors, and the containers are handled outside it (lowering/step.py)."""
+    returns flat tensors, and the containers are handled outside it (lowering/step.py). A static
+    decode step whose linear layers see one row computes them as fused reductions (lowering/gemv.py)."""
     step = FlatStep(gm)
-    step.fn = lower(step.gm, how, table, verify)
+    step.fn = lower(step.gm, how, table, verify, decode_options(step.gm))
     return step
 
 

@@ -75,6 +75,7 @@ class Report:
     auto: list = field(default_factory=list)  # lowering="auto": per graph, when it switched from eager (lowering/auto.py)
     # what the adapters' inits changed in our frozen copy of the base, and data passes still to run
     init_notes: list = field(default_factory=list)
+    gemv: list = field(default_factory=list)  # per KV-cache graph: lifted tensors, one-row layers (lowering/lifted.py, gemv.py)
     counters: dict = field(default_factory=dict)
     graph_adapters: dict = field(default_factory=dict)  # name -> (method, params)
     saved: list[SavedRow] = field(default_factory=list)
@@ -123,6 +124,7 @@ class Report:
         lines += [self.compile_cache] if self.compile_cache else []
         lines += [f"auto {a}" for a in self.auto]
         lines += self.init_notes
+        lines += [f"compiled graph {g}" for g in self.gemv]
         return "\n".join(lines)
 
     # -- rich -------------------------------------------------------------------------------------
@@ -181,6 +183,8 @@ class Report:
             totals.append(f"\nauto {a}")
         for note in self.init_notes:
             totals.append(f"\n{note}")
+        for g in self.gemv:
+            totals.append(f"\ncompiled graph {g}")
         parts = [table, totals]
         if unmatched:
             parts.append(self._unmatched_table())
@@ -262,12 +266,13 @@ def region_lines(meta: dict | None) -> list[str]:
 
 
 def build_report(table, lowering: str, graph=None, checks=(), workarounds=(), regions=(),
-                 compile_cache: str | None = None, auto=()) -> Report:
+                 compile_cache: str | None = None, auto=(), gemv=()) -> Report:
     """The report of one AdaptedModule's table; orders and FLOPs from the plan on `graph` (None:
     nothing captured yet); `checks`: (graph description, guard verdict) of each compiled graph."""
     rep = Report(lowering=lowering, counters=dict(COUNTERS), active=tuple(table.active),
                  model_name=type(table.model).__name__, checks=list(checks), workarounds=sorted(set(workarounds)),
-                 regions=list(dict.fromkeys(regions)), compile_cache=compile_cache, auto=list(auto))
+                 regions=list(dict.fromkeys(regions)), compile_cache=compile_cache, auto=list(auto),
+                 gemv=list(gemv))
     decisions = decisions_of(graph) if graph is not None else {}
     for slot in table.slots.values():
         for name, method in slot.methods.items():

@@ -2,6 +2,8 @@
 
     python -m benchmarks.generate                      # standard model, prompt 128, 128 new tokens, batch 1 and 8
     python -m benchmarks.generate --quick              # tiny model and lengths: checks the script runs
+    python -m benchmarks.generate --batches 1 --new 33 --repeats 3 --clock thread
+                                                       # standard model, shorter; CPU time of one thread
 
 Rows (greedy, same LoRA r=16 on q/k/v/o, float32):
   ours            ac.compile(..., lowering="inductor"), unmerged, m.generate(cache_implementation="static")
@@ -10,9 +12,13 @@ Rows (greedy, same LoRA r=16 on q/k/v/o, float32):
   peft merged+compile  merge_and_unload() + generate(cache_implementation="static"): HF torch.compiles the
                   decode forward itself for a static cache
   ours mixed8     batch 8 only: 8 different adapters, one per row (adapter_names=), vs "ours" at batch 8
-Decode tokens/s = batch * (new - 1) / (time(new tokens) - time(1 token)): the prefill cancels out. Each
-row: one warm-up call (captures/compiles), then the median of --repeats timed calls. Results are printed
-as a table and written to benchmarks/results_generate.json. Timings on a shared machine are noisy.
+Decode tokens/s = batch * (new - 1) / (time(new tokens) - time(1 token)): the prefill cancels out. Every
+row gets one warm-up call (captures/compiles) first; then the rows are timed in turns, --repeats rounds
+of (1 token, `new` tokens) per row, and each row's median is reported, so a change in the machine's load
+hits every row alike. Results are printed as a table and written to benchmarks/results_generate.json
+with the load average at the start and end. `--clock thread` times with the CPU time of the calling
+thread and runs torch on one thread: on a shared machine it leaves out the time the process waits for
+a core (wall clock, the default, is what a user sees on a quiet machine).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -54,28 +61,31 @@ def _adapter_dirs(model, root: str, n: int, r: int = 16) -> list[str]:
     return dirs
 
 
-def _seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
-def decode_tokens_per_s(generate, ids, new: int, repeats: int, **kw) -> float:
-    """Decode tokens/s of `generate(input_ids=..., max_new_tokens=...)`, prefill subtracted."""
-    args = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                pad_token_id=0, **kw)
+def decode_tokens_per_s(rows: dict, ids, new: int, repeats: int, clock: str = "wall") -> dict:
+    """Decode tokens/s of each row's `generate(input_ids=..., max_new_tokens=...)`, prefill subtracted.
+    rows: name -> (generate, extra kwargs). Warm-up first, then the rows in turns (see the module doc)."""
+    now = CLOCKS[clock]
+    base = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True, pad_token_id=0)
+    per_token = {name: [] for name in rows}
     with torch.no_grad():
-        generate(**args, max_new_tokens=new)  # warm-up: capture + compile
-        one = _seconds(lambda: generate(**args, max_new_tokens=1), repeats)
-        full = _seconds(lambda: generate(**args, max_new_tokens=new), repeats)
-    return ids.shape[0] * (new - 1) / max(full - one, 1e-9)
+        for generate, kw in rows.values():
+            generate(**base, **kw, max_new_tokens=new)  # warm-up: capture + compile
+        for _ in range(repeats):
+            for name, (generate, kw) in rows.items():
+                t = now()
+                generate(**base, **kw, max_new_tokens=1)
+                one = now() - t
+                t = now()
+                generate(**base, **kw, max_new_tokens=new)
+                per_token[name].append((now() - t - one) / (new - 1))
+    return {name: ids.shape[0] / max(statistics.median(v), 1e-12) for name, v in per_token.items()}
 
 
 def main(quick: bool = False, prompt: int = 128, new: int = 128, batches=(1, 8), repeats: int = 3,
-         out: Path | None = HERE / "results_generate.json") -> dict:
+         out: Path | None = HERE / "results_generate.json", clock: str = "wall") -> dict:
     import peft
     from peft import PeftModel
 
@@ -86,7 +96,10 @@ def main(quick: bool = False, prompt: int = 128, new: int = 128, batches=(1, 8),
     model = _tiny_model() if quick else standard_model()
     vocab = model.config.vocab_size
     static = dict(cache_implementation="static")
-    results: dict = {"prompt": prompt, "new": new, "rows": {}}
+    if clock == "thread":
+        torch.set_num_threads(1)  # thread CPU time counts this thread's work only
+    results: dict = {"prompt": prompt, "new": new, "clock": clock, "threads": torch.get_num_threads(),
+                     "load_before": os.getloadavg(), "rows": {}}
     with tempfile.TemporaryDirectory() as root:
         dirs = _adapter_dirs(model, root, n=8)
         ours = ac.compile(model, dirs[0], lowering="inductor").eval()
@@ -98,22 +111,24 @@ def main(quick: bool = False, prompt: int = 128, new: int = 128, batches=(1, 8),
             mixed.load_adapter(d, f"a{i}")
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
-            row = {
-                "ours": decode_tokens_per_s(ours.generate, ids, new, repeats, **static),
-                "ours merged": decode_tokens_per_s(merged.generate, ids, new, repeats, **static),
-                "peft": decode_tokens_per_s(pm.generate, ids, new, repeats),
-                "peft merged+compile": decode_tokens_per_s(pm_merged.generate, ids, new, repeats, **static),
+            rows = {
+                "ours": (ours.generate, static),
+                "ours merged": (merged.generate, static),
+                "peft": (pm.generate, {}),
+                "peft merged+compile": (pm_merged.generate, static),
             }
             if batch == 8:
-                names = [f"a{i}" for i in range(8)]
-                row["ours mixed8"] = decode_tokens_per_s(mixed.generate, ids, new, repeats, adapter_names=names,
-                                                         **static)
+                rows["ours mixed8"] = (mixed.generate, dict(static, adapter_names=[f"a{i}" for i in range(8)]))
+            row = decode_tokens_per_s(rows, ids, new, repeats, clock)
+            if batch == 8:
                 row["ours mixed8 / ours"] = row["ours mixed8"] / row["ours"]
             row["ours / ours merged"] = row["ours"] / row["ours merged"]
             row["ours / peft"] = row["ours"] / row["peft"]
             row["ours / peft merged+compile"] = row["ours"] / row["peft merged+compile"]
             results["rows"][f"batch {batch}"] = row
-    print(f"decode tokens/s, prompt {prompt}, {new} new tokens ({'quick' if quick else 'standard model'})")
+    results["load_after"] = os.getloadavg()
+    print(f"decode tokens/s, prompt {prompt}, {new} new tokens ({'quick' if quick else 'standard model'}; {clock} "
+          f"clock, {results['threads']} threads; load {results['load_before'][0]:.1f} -> {results['load_after'][0]:.1f})")
     for name, row in results["rows"].items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
     if out is not None:
@@ -130,5 +145,6 @@ if __name__ == "__main__":
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(HERE / "results_generate.json"))
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     a = p.parse_args()
-    main(a.quick, a.prompt, a.new, tuple(int(b) for b in a.batches.split(",")), a.repeats, Path(a.out))
+    main(a.quick, a.prompt, a.new, tuple(int(b) for b in a.batches.split(",")), a.repeats, Path(a.out), a.clock)

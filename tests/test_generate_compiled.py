@@ -45,9 +45,14 @@ def _entries(m, phase):
 
 
 def _compiled_code_entries(entry) -> int:
-    """How many compiled versions Dynamo holds for this graph (a recompile adds one)."""
+    """How many compiled versions Dynamo holds for this graph (a recompile adds one). A static decode
+    graph is compiled over its lifted tensors (lowering/lifted.py): one program per adapter state."""
     step = _adapted(entry.lowered)
-    return len(_debug_get_cache_entry_list(step.gm.forward.__code__))
+    served = step.fn.fn  # what the correctness guard serves after the first call
+    programs = getattr(served, "programs", None)
+    compiled = [getattr(fn, "compiled", fn) for fn, _ in programs.values()] if programs is not None else []
+    codes = [fn._orig_mod.forward.__code__ for fn in compiled] or [step.gm.forward.__code__]
+    return sum(len(_debug_get_cache_entry_list(code)) for code in codes)
 
 
 def _adapted(by_key: dict):
@@ -129,3 +134,54 @@ def test_the_static_cache_object_is_kept_across_decode_steps(compiled):
     finally:
         type(driver)._update_model_kwargs_for_generation = original
     assert len(seen) == 4 and all(c is cache for c in seen)
+
+
+def test_one_row_decode_computes_linear_layers_as_reductions_with_peft_tokens(compiled):
+    """Batch 1: the decode step's linear layers see one row; Inductor computes them as fused reductions
+    (lowering/gemv.py), the decision is on the graph, and the tokens are still PEFT's. The 2-row
+    decode graph of the other tests is left to BLAS."""
+    from adapt_compiler.lowering.gemv import GEMV
+
+    m, first, *_ = compiled
+    inputs = prompts(rows=1, length=7, seed=3)
+    decompositions = torch._dynamo.utils.counters["inductor"]["decompose_mm"]
+    ours = m.generate(**inputs, max_new_tokens=12, **STATIC)
+    assert torch.equal(ours, first.generate(**inputs, max_new_tokens=12, **STATIC))
+    one_row = [e for e in _entries(m, "decode") if _adapted(e.graphs).meta.get(GEMV)]
+    assert len(one_row) == 1, "the batch-1 decode graph records the decision"
+    gm = _adapted(one_row[0].graphs)
+    assert gm.meta[GEMV].startswith("8 of 8 linear layers see one row"), gm.meta[GEMV]  # q/k/v/o slots, MLP, head
+    assert gm.meta["ac_guard"].status == "passed"
+    # Inductor rewrote them: each adapted layer's base product and LoRA's two products, and the rest
+    assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] - decompositions >= 8
+    two_rows = [e for e in _entries(m, "decode") if e is not one_row[0]]
+    assert two_rows and all(GEMV not in _adapted(e.graphs).meta for e in two_rows)
+    assert "matrix-vector products as fused reductions" in str(m.report())
+
+
+def test_set_adapter_between_generate_calls_runs_each_adapters_decode_program(compiled):
+    """The decode graph is compiled over its tensors with the slots traced in (lowering/lifted.py):
+    one program per adapter state. Switching adapters gives each adapter's PEFT tokens, and once both
+    have run, switching back and forth compiles nothing."""
+    from adapt_compiler.lowering.lifted import LIFTED
+
+    m, first, second, root = compiled
+    inputs = prompts()
+    m.load_adapter(root / "b", "other")  # a new adapter rebuilds the graphs (as before lifting)
+    expected = {"default": first.generate(**inputs, max_new_tokens=6, **STATIC),
+                "other": second.generate(**inputs, max_new_tokens=6, **STATIC)}
+    try:
+        for name in ("other", "default"):
+            m.set_adapter(name)
+            assert torch.equal(m.generate(**inputs, max_new_tokens=6, **STATIC), expected[name])
+        before = _counts()
+        for name in ("other", "default"):
+            m.set_adapter(name)
+            assert torch.equal(m.generate(**inputs, max_new_tokens=6, **STATIC), expected[name])
+        assert _counts() == before, "each adapter's prefill and decode programs were compiled already"
+        decode = _entries(m, "decode")[0]
+        assert _adapted(decode.graphs).meta[LIFTED].startswith("compiled over its tensors")
+        assert len(_adapted(decode.lowered).fn.fn.programs) == 2
+    finally:
+        m.set_adapter("default")
+        m.delete_adapter("other")

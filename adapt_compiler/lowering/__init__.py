@@ -10,6 +10,8 @@
     dynamic.py    whole-graph compiles dynamic from the first call (one compile for every batch/length)
     regional.py   lowering="regional": each distinct repeated block compiled once (aot_region.py)
     auto.py       lowering="auto": eager calls while the whole graph compiles in a background thread
+    step.py       graphs compiled over flat leaves (calls that carry a KV cache: the decode step)
+    gemv.py       one-row CPU linear layers (batch-1 decode) as fused reductions, not BLAS GEMV
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references
 
@@ -92,7 +94,13 @@ def _whole_partitioned(gm: fx.GraphModule, options: dict | None, memory_budget: 
 
 def _whole(gm: fx.GraphModule, options: dict | None):
     from .dynamic import compile_whole
+    from .lifted import LIFTED, LiftedProgram, why_not
 
+    if gm.meta.get("ac_flat") and not gm.meta.get("ac_training"):  # a KV-cache call: over its tensors
+        reason = why_not(gm)
+        if reason is None:
+            return LiftedProgram(gm, lambda lifted: compile_whole(lifted, options))
+        gm.meta[LIFTED] = f"compiled as built: {reason}"
     return compile_whole(gm, options)
 
 

@@ -18,8 +18,8 @@ paid three to five compiles of one graph (issue 19: 40-57 s each). Here:
     specialised to that 1 (at most one per such dim combination) rather than running code
     compiled under an assumption it breaks.
 
-A graph with no symbolic input (a decode step over a static KV cache, lowering/step.py) is
-compiled for its shapes."""
+A graph with no symbolic input (a decode step over a static KV cache at batch 1, lowering/step.py)
+is compiled for its shapes."""
 
 from __future__ import annotations
 

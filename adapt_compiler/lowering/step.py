@@ -90,6 +90,7 @@ class FlatStep:
         graph.lint()
         self.gm = fx.GraphModule(gm, graph)
         self.gm.meta = gm.meta  # the guard's verdict is read from the built graph's meta (report())
+        self.gm.meta["ac_flat"] = True  # compiled over its tensors where it can be (lowering/lifted.py)
         objects, _ = _input_objects(self.in_spec)
         self.objects = {(start, count): (path, spec) for path, start, count, spec in objects}
         self.builder = self._plan(self.out_spec, [0])
