@@ -37,40 +37,53 @@ from benchmarks.first_step import TARGETS, _cpu_s
 
 
 def one(run: str, layers: int, small: bool, adapter_dir: str, lowering: str) -> dict:
+    t_import, c_import = time.perf_counter(), _cpu_s()
     import torch
     from torch._dynamo.utils import counters
 
     import adapt_compiler as ac
+    from benchmarks.phases import Phases
 
+    before = {"import": (time.perf_counter() - t_import, _cpu_s() - c_import)}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     hidden, inter = (64, 128) if small else (256, 512)
+    t, c = time.perf_counter(), _cpu_s()
     model, batch = child.llama_and_batch(hidden, inter, layers)
+    before["model_build"] = (time.perf_counter() - t, _cpu_s() - c)
 
+    phases = Phases()
     t0, c0 = time.perf_counter(), _cpu_s()
-    if run == "cold":
-        m = ac.compile(model, ac.LoRA(r=8, targets=TARGETS), lowering=lowering)
-    else:
-        m = ac.compile(model, adapter_dir, lowering=lowering, compile_cache=run == "warm")
-    m.train()
-    params = m.adapter_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    loss = m(**batch).loss
-    loss.backward()
+    with phases:
+        if run == "cold":
+            m = ac.compile(model, ac.LoRA(r=8, targets=TARGETS), lowering=lowering)
+        else:
+            m = ac.compile(model, adapter_dir, lowering=lowering, compile_cache=run == "warm")
+        m.train()
+        params = m.adapter_parameters()
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        with phases.phase("first_forward"):  # what of the forward no phase below names
+            loss = m(**batch).loss
+        with phases.phase("backward"):
+            loss.backward()
     save_s = save_cpu_s = 0.0
     if run == "cold":  # saved before the optimizer step: the warm runs start from these weights (same loss)
         t, c = time.perf_counter(), _cpu_s()
         m.save_adapter(adapter_dir, compile_cache=True)
         save_s, save_cpu_s = time.perf_counter() - t, _cpu_s() - c
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with phases.phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     res = {"run": run, "layers": layers, "small": small, "lowering": lowering,
            "first_step_s": time.perf_counter() - t0 - save_s, "first_step_cpu_s": _cpu_s() - c0 - save_cpu_s,
-           "loss0": float(loss)}
+           "loss0": float(loss), "before_s": {k: (round(w, 3), round(c, 3)) for k, (w, c) in before.items()},
+           "phases_s": phases.seconds()}
     if run == "cold":
         res["save_s"] = save_s
         res["cache_bytes"] = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir)
                                  if f.startswith("compile_cache."))
-    res["cache_line"] = m.report().compile_cache
+    rep = m.report()
+    res["cache_line"] = rep.compile_cache
+    res["guard"] = [f"{what}: {getattr(v, 'status', None)}" for what, v in m._checks()]
     res["counters"] = {k: {n: v for n, v in counters[k].items() if "cache" in n}
                        for k in ("inductor", "aot_autograd")}
     return res

@@ -17,10 +17,23 @@ they do not, a `CompilerMismatchWarning` names the graph, the tensors that diffe
 the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
 does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
 training) per new graph; `ac.compile(..., verify=False)` turns it off.
+
+A warm start (compile_cache.py) may skip the eager reference: `reuse` holds the verdicts saved with a
+compile cache whose key matched this module (torch, adapt_compiler's code, spec, options, model,
+machine and vector ISA). A saved "passed" verdict serves this graph only if (1) the graph's
+`fingerprint` (its code, its inputs' and tensors' metadata, the lowering and its options) equals the
+one the verdict was recorded for, and (2) every Inductor compile of this first call was served from
+the FX-graph/AOTAutograd caches (hits, no miss and no bypass): then the code that runs is the code
+that was compiled and checked when the cache was saved, on the same graph, and this first call is,
+for the guard, what that process's second call was. Otherwise (a miss: Inductor compiled something
+anew) the candidate's outputs are dropped, the state is restored and the full check runs. The
+reasoning, and what it does not cover, is in docs/GUARANTEES.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +60,8 @@ class Verdict:
     compared: int = 0  # tensors compared
     worst: float = 0.0  # largest error relative to its tensor's scale
     mismatches: list = field(default_factory=list)  # (what, |Δ| max, scale) of each tensor that differs
+    source: str | None = None  # status "reused": the compile cache directory the verdict came from
+    note: str | None = None  # why a saved verdict was not reused (the check ran)
 
 
 def _tolerance(t: torch.Tensor) -> float:
@@ -132,10 +147,48 @@ def _run(fn, args, kwargs, params, grads: bool):
     return out, list(got)
 
 
+def fingerprint(gm, lowering: str, options: dict | None) -> str:
+    """What a saved verdict must have been recorded for (sha256, 32 hex digits): the graph's code
+    (every op, every slot call, the plan's kwargs), its inputs' metadata (shapes with export's
+    symbols, dtypes, strides, devices), the metadata of every tensor it holds (frozen base, adapter
+    tensors, requires_grad included), its variant and mode, the lowering and its options."""
+    h = hashlib.sha256(gm.code.encode())
+
+    def meta(v):
+        if isinstance(v, torch.Tensor):
+            return (tuple(str(s) for s in v.shape), tuple(str(s) for s in v.stride()), str(v.dtype), str(v.device),
+                    v.requires_grad)
+        return type(v).__name__ if v is None or isinstance(v, (int, float, bool, str)) else repr(type(v))
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            h.update(repr((node.target, meta(node.meta.get("val")))).encode())
+    for name, t in itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)):
+        h.update(repr((name, meta(t))).encode())
+    h.update(repr((lowering, sorted((options or {}).items()), gm.meta.get("ac_variant"),
+                   gm.meta.get("ac_training"))).encode())
+    return h.hexdigest()[:32]
+
+
+# Inductor compiles that did not come from a cache: any of these in a first call means the code that runs
+# is new, and a saved verdict does not apply to it
+_FRESH = (("inductor", "fxgraph_cache_miss"), ("inductor", "fxgraph_cache_bypass"),
+          ("aot_autograd", "autograd_cache_miss"))
+_HITS = (("inductor", "fxgraph_cache_hit"), ("aot_autograd", "autograd_cache_hit"))
+
+
+def _cache_counts() -> tuple[int, int]:
+    """(compiles not served from a cache, cache hits) so far in this process (torch's counters)."""
+    from torch._dynamo.utils import counters
+
+    return (sum(counters[a][b] for a, b in _FRESH), sum(counters[a][b] for a, b in _HITS))
+
+
 class GuardedGraph:
     """A lowered graph whose first call is checked (see the module docstring)."""
 
-    def __init__(self, gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str):
+    def __init__(self, gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str, reuse=None,
+                 options: dict | None = None):
         self.gm, self.fn, self.lowering = gm, compiled, lowering
         self.tensors = tensors  # () -> [(label, parameter)]: the trainable adapter tensors
         self.buffers = buffers  # () -> [buffer]: base tensors a call may update in place
@@ -143,17 +196,42 @@ class GuardedGraph:
         self.what = what
         self.verdict: Verdict | None = None
         gm.meta["ac_guard"] = None
+        # what a saved verdict is matched on, kept on the graph so that save_adapter can record this one
+        gm.meta["ac_guard_fingerprint"] = fingerprint(gm, lowering, options)
+        saved = (reuse or {}).get(gm.meta["ac_guard_fingerprint"])
+        self.reuse = saved if isinstance(saved, dict) and saved.get("status") == "passed" else None
 
     def __call__(self, *args, **kwargs):
         if self.verdict is not None:
             return self.fn(*args, **kwargs)
         return self._first_call(args, kwargs)
 
+    def _reused_call(self, args, kwargs, params, grads, state):
+        """The first call on a saved verdict: (outputs, None), or (None, why not) after the state is restored."""
+        fresh, hits = _cache_counts()
+        out, _ = _run(self.fn, args, kwargs, params, grads)  # with grads: the backward is loaded (and counted) too
+        fresh_now, hits_now = _cache_counts()
+        if fresh_now == fresh and hits_now > hits:
+            return out, None
+        del out
+        state.restore()
+        why = ("Inductor compiled this graph anew (a cache miss)" if fresh_now != fresh
+               else "nothing of this graph came from the compile cache")
+        return None, f"verdict saved in {self.reuse.get('source')} not reused: {why}; checked against eager"
+
     def _first_call(self, args, kwargs):
         labelled = [(label, p) for label, p in self.tensors() if p.requires_grad]
         grads = torch.is_grad_enabled() and bool(labelled)
         params = [p for _, p in labelled]
         state = _State(self.buffers(), args, kwargs)
+        note = None
+        if self.reuse is not None:
+            out, note = self._reused_call(args, kwargs, params, grads, state)
+            if note is None:
+                self.verdict = Verdict("reused", self.lowering, int(self.reuse.get("compared", 0)),
+                                       float(self.reuse.get("worst", 0.0)), source=self.reuse.get("source"))
+                self.gm.meta["ac_guard"] = self.verdict
+                return out
         ref_out, ref_grads = _run(self.gm, args, kwargs, params, grads)
         ref = _float_leaves(ref_out)
         ref_grads = [g.detach() if g is not None else None for g in ref_grads] if ref_grads is not None else None
@@ -179,7 +257,7 @@ class GuardedGraph:
             if not bad:
                 self.fn, self.lowering = fn, name
                 self.verdict = Verdict("passed" if i == 0 else "mismatch", name, len(pairs), worst,
-                                       first_bad[1] if first_bad else [])
+                                       first_bad[1] if first_bad else [], note=note)
                 if first_bad:
                     self._warn(first_bad[0], first_bad[1], name)
                 self.gm.meta["ac_guard"] = self.verdict
@@ -201,6 +279,8 @@ class GuardedGraph:
         )
 
 
-def guard(gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str) -> GuardedGraph:
-    """Wrap a lowered graph so its first call is verified (see the module docstring)."""
-    return GuardedGraph(gm, compiled, lowering, tensors, buffers, fallbacks, what)
+def guard(gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str, reuse=None,
+          options: dict | None = None) -> GuardedGraph:
+    """Wrap a lowered graph so its first call is verified (see the module docstring). `reuse`: fingerprint ->
+    verdict saved with a compile cache whose key matched; `options`: the compile options (fingerprinted)."""
+    return GuardedGraph(gm, compiled, lowering, tensors, buffers, fallbacks, what, reuse, options)
