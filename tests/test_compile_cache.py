@@ -127,8 +127,10 @@ runs = t._count_guard_runs()
 base, m = t._module(sys.argv[2], compile_cache=True)
 loss, grads = t._step(m)
 (what, verdict), = m._checks()
+m.save_adapter(sys.argv[4], compile_cache=True)  # saved again from the warm process: the verdict carries over
+resaved = json.loads(open(sys.argv[4] + "/compile_cache.json").read())["verdicts"]
 torch.save({"loss": loss, "grads": grads, "line": m.report().compile_cache, "report": str(m.report()),
-            "verdict": (verdict.status, verdict.source, verdict.compared), "guard_runs": runs[0],
+            "verdict": (verdict.status, verdict.source, verdict.compared), "guard_runs": runs[0], "resaved": resaved,
             "counters": {k: dict(counters[k]) for k in ("inductor", "aot_autograd")}}, sys.argv[3])
 """
 
@@ -158,7 +160,8 @@ def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_pat
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "child.pt"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), str(saved["dir"]), str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), str(saved["dir"]), str(out), str(tmp_path / "again")],
+                          env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
@@ -176,6 +179,7 @@ def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_pat
     assert got["guard_runs"] == 1
     assert f"guard: verdict reused from {saved['dir']}" in got["report"]
     assert "1 guard verdicts" in got["line"]
+    assert got["resaved"] == json.loads((saved["dir"] / compile_cache.KEY_NAME).read_text())["verdicts"]
     assert_close(got["loss"], saved["loss"], rtol=0, atol=1e-6, what="warm loss")
     assert set(got["grads"]) == set(saved["grads"])
     for k in saved["grads"]:
