@@ -108,15 +108,15 @@ PHASES = ("cache_load", "capture", "passes", "guard_reference", "dynamo", "regio
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| layers | run | first step s (wall) | first step CPU s | FX-graph cache hit/miss | AOTAutograd hit/miss "
-           "| guard | loss = cold | load |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| layers | lowering | run | first step s (wall) | first step CPU s | FX-graph cache hit/miss "
+           "| AOTAutograd hit/miss | guard | loss = cold | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['layers']} | {r['run']} | ERROR {r['error'][-160:]!r} |||||||")
+            out.append(f"| {r['layers']} | {r.get('lowering', '')} | {r['run']} | ERROR {r['error'][-160:]!r} |||||||")
             continue
         ind, aot = r["counters"]["inductor"], r["counters"]["aot_autograd"]
         guard = ", ".join(g.split(": ", 1)[-1] for g in r.get("guard", [])) or "-"
-        out.append(f"| {r['layers']} | {r['run']} | {r['first_step_s']:.1f} | {r['first_step_cpu_s']:.1f} | "
+        out.append(f"| {r['layers']} | {r['lowering']} | {r['run']} | {r['first_step_s']:.1f} | {r['first_step_cpu_s']:.1f} | "
                    f"{ind.get('fxgraph_cache_hit', 0)}/{ind.get('fxgraph_cache_miss', 0)} | "
                    f"{aot.get('autograd_cache_hit', 0)}/{aot.get('autograd_cache_miss', 0)} | {guard} | "
                    f"{r.get('loss_matches_cold', '')} | {r['load1']:.1f} |")
@@ -127,13 +127,13 @@ def breakdown(rows: list[dict]) -> str:
     """CPU seconds per phase (benchmarks/phases.py); import and model build happen before the first step's clock."""
     rows = [r for r in rows if "phases_s" in r]
     used = [p for p in PHASES if any(p in r["phases_s"] for r in rows)]
-    out = ["| layers | run | import | model build | " + " | ".join(used) + " | other | first step CPU s |",
-           "|---|---|---|---|" + "---|" * (len(used) + 2)]
+    out = ["| layers | lowering | run | import | model build | " + " | ".join(used) + " | other | first step CPU s |",
+           "|---|---|---|---|---|" + "---|" * (len(used) + 2)]
     for r in rows:
         ph, before = r["phases_s"], r.get("before_s", {})
         cells = [f"{ph[p][1]:.2f}" if p in ph else "-" for p in used]
         other = r["first_step_cpu_s"] - sum(v[1] for v in ph.values())
-        out.append(f"| {r['layers']} | {r['run']} | {before.get('import', (0, 0))[1]:.1f} | "
+        out.append(f"| {r['layers']} | {r['lowering']} | {r['run']} | {before.get('import', (0, 0))[1]:.1f} | "
                    f"{before.get('model_build', (0, 0))[1]:.1f} | " + " | ".join(cells) +
                    f" | {other:.2f} | {r['first_step_cpu_s']:.1f} |")
     return "\n".join(out)
