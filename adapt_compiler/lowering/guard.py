@@ -3,7 +3,8 @@
 Compilers have bugs (Inductor on CPU in torch 2.13 trains a diffusers UNet with wrong gradients,
 docs/upstream/), and our users must not inherit them silently. `guard(gm, compiled, ...)` wraps a
 lowered graph. Its first call runs the uncompiled FX graph (the reference) and the compiled one on
-the same inputs, from the same RNG state and buffer values:
+the same inputs, from the same RNG state and buffer values (then, in training, the chosen one runs
+once more from that state for the user, so the user's backward is the first through its graph: `_run`):
 
 * with gradients (a training step): every floating output is contracted with a fixed random
   cotangent, and the gradients of that scalar with respect to every trainable adapter tensor are
@@ -12,7 +13,7 @@ the same inputs, from the same RNG state and buffer values:
 * without gradients (eval, inference): the outputs are compared.
 
 Tolerances scale with the dtype of each tensor (`TOLERANCE`). If the two agree, the compiled graph
-serves this call (its autograd graph is kept for the user's backward) and every later call. If
+serves this call (run again for the user, see above) and every later call. If
 they do not, a `CompilerMismatchWarning` names the graph, the tensors that differ and by how much;
 the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
 does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
@@ -133,18 +134,30 @@ class _State:
 
 
 def _run(fn, args, kwargs, params, grads: bool):
-    """(outputs, [gradient per param or None]) of one call; with `grads`, the autograd graph is kept."""
+    """(outputs, [gradient per param] or None) of one call. With `grads`, the check's backward consumes
+    the call's autograd graph (not retained): the caller runs the call again for the user (`_again`).
+
+    Why not retain it and hand these outputs to the user: a compiled backward may reuse the buffers it
+    saved from the forward in place ("donated buffers"). Our compiles turn donation off, but Inductor's
+    FX-graph cache key does not cover it (torch 2.13), so a backward compiled elsewhere with donation
+    can be served from the cache; its first backward is right, and a second backward through the same
+    graph (the user's, after the check's) reads overwritten buffers and gives wrong gradients with no
+    error (seen: tests/test_regional.py over a shared Inductor cache dir, adapter grads off by up to 7 %)."""
     out = fn(*args, **kwargs)
     if not grads:
         return out, None
     scalar = _scalar(_float_leaves(out))
     if scalar is None:
         return out, None
-    # every graph we compile has buffer donation off (lowering/dynamic.py), but a backward loaded from
-    # AOTAutograd's cache does not say so, and torch then refuses the retained graph as if it had
-    with torch._functorch.config.patch(donated_buffer=False):
-        got = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
+    got = torch.autograd.grad(scalar, params, allow_unused=True)
     return out, list(got)
+
+
+def _again(fn, args, kwargs, state: "_State"):
+    """The call once more from the saved state (buffers, inputs updated in place, RNG), for the user: its
+    autograd graph has had no backward yet (see `_run`)."""
+    state.restore()
+    return fn(*args, **kwargs)
 
 
 def fingerprint(gm, lowering: str, options: dict | None) -> str:
@@ -209,10 +222,10 @@ class GuardedGraph:
     def _reused_call(self, args, kwargs, params, grads, state):
         """The first call on a saved verdict: (outputs, None), or (None, why not) after the state is restored."""
         fresh, hits = _cache_counts()
-        out, _ = _run(self.fn, args, kwargs, params, grads)  # with grads: the backward is loaded (and counted) too
+        out, got = _run(self.fn, args, kwargs, params, grads)  # with grads: the backward is loaded (and counted) too
         fresh_now, hits_now = _cache_counts()
         if fresh_now == fresh and hits_now > hits:
-            return out, None
+            return (out if got is None else _again(self.fn, args, kwargs, state)), None
         del out
         state.restore()
         why = ("Inductor compiled this graph anew (a cache miss)" if fresh_now != fresh
@@ -261,7 +274,7 @@ class GuardedGraph:
                 if first_bad:
                     self._warn(first_bad[0], first_bad[1], name)
                 self.gm.meta["ac_guard"] = self.verdict
-                return out
+                return out if got is None else _again(fn, args, kwargs, state)
             if first_bad is None:
                 first_bad = (name, bad)
         raise AssertionError("the eager fallback disagreed with the eager reference")  # eager is the reference
