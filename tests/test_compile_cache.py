@@ -9,12 +9,14 @@ process's Inductor disk cache is warm by then). About 3-4 min on a quiet 2-core 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 import warnings
 import zipfile
 from pathlib import Path
@@ -237,12 +239,12 @@ def test_key_changes_with_the_spec_and_the_model():
 
 
 # -- (3b) the guard's saved verdict serves only the identical compiled code ---------------------------
-def _warm_step(directory, monkeypatch, config=None):
+def _warm_step(directory, monkeypatch, context=None):
     """A module from `directory` with its cache loaded, in this process (its Inductor caches hold the
-    fixture's graphs), and its first step: (module, loss, grads, guard runs)."""
+    fixture's graphs), and its first step (inside `context`): (module, loss, grads, guard runs)."""
     runs = _count_guard_runs(monkeypatch)
     _, m = _module(directory, compile_cache=True)
-    with torch._inductor.config.patch(config or {}):
+    with context if context is not None else contextlib.nullcontext():
         loss, grads = _step(m)
     return m, loss, grads, runs[0]
 
@@ -274,10 +276,12 @@ def test_saved_verdict_for_another_graph_is_not_reused(saved, tmp_path, monkeypa
 
 
 def test_saved_verdict_is_not_reused_when_inductor_compiles_anew(saved, tmp_path, monkeypatch):
-    """Same key, same graph, but an Inductor setting outside our key changes Inductor's cache key: the
-    compiled code is new (a cache miss), so its first call is checked against eager, and the numbers
-    are those of a full check (the candidate's first run is dropped, the state restored)."""
-    m, loss, grads, runs = _warm_step(_copy(saved, tmp_path), monkeypatch, {"comment_origin": True})
+    """Same key, same graph, but a setting outside our key changes torch's cache keys (a cache-key tag, new
+    for each run, so nothing on disk matches): the compiled code is new (a cache miss), so its first call
+    is checked against eager, and the numbers are those of a full check (the candidate's first run is
+    dropped, the state restored)."""
+    tag = torch.compiler.config.patch(cache_key_tag=f"ac-test-{uuid.uuid4().hex}")
+    m, loss, grads, runs = _warm_step(_copy(saved, tmp_path), monkeypatch, tag)
     (_, verdict), = m._checks()
     assert verdict.status == "passed" and runs == 3  # the dropped compiled call, the reference, the candidate
     assert "not reused: Inductor compiled this graph anew" in verdict.note

@@ -17,7 +17,8 @@ serves this call (run again for the user, see above) and every later call. If
 they do not, a `CompilerMismatchWarning` names the graph, the tensors that differ and by how much;
 the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
 does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
-training) per new graph; `ac.compile(..., verify=False)` turns it off.
+training) per new graph, and in training one more forward of the chosen lowering (`_run`);
+`ac.compile(..., verify=False)` turns it off.
 
 A warm start (compile_cache.py) may skip the eager reference: `reuse` holds the verdicts saved with a
 compile cache whose key matched this module (torch, adapt_compiler's code, spec, options, model,
@@ -149,7 +150,11 @@ def _run(fn, args, kwargs, params, grads: bool):
     scalar = _scalar(_float_leaves(out))
     if scalar is None:
         return out, None
-    got = torch.autograd.grad(scalar, params, allow_unused=True)
+    # every graph we compile has buffer donation off (lowering/dynamic.py), but a backward loaded from
+    # AOTAutograd's cache does not say so, and torch then refuses it as if it had (seen in a fresh
+    # process over a cache entry compiled elsewhere, even without retain_graph)
+    with torch._functorch.config.patch(donated_buffer=False):
+        got = torch.autograd.grad(scalar, params, allow_unused=True)
     return out, list(got)
 
 
