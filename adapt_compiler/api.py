@@ -65,7 +65,8 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
 
     `verify` (default on): the first call of each compiled graph is checked against the eager
     graph (outputs, and in training every adapter gradient); a graph that disagrees falls back to
-    eager with a CompilerMismatchWarning. Costs one eager step per new graph.
+    eager with a CompilerMismatchWarning. Costs one eager step per new graph (and, in training, one more
+    forward of the compiled graph).
 
     `memory_budget` (0 < b <= 1, default None = no limit): the share of activation memory a training
     step may keep; the rest is recomputed in the backward (Inductor: AOTAutograd's activation

@@ -10,7 +10,9 @@
                            does not bundle them, so without this a warm start still runs the C++
                            compiler for every kernel: most of a CPU compile), and Inductor's
                            vector-ISA probe libraries (~8 s of C++ compiles per fresh cache dir)
-    compile_cache.json     our key: what the graphs were compiled for, and the files' checksums
+    compile_cache.json     our key: what the graphs were compiled for, and the files' checksums; and
+                           the correctness guard's verdicts on the graphs it checked (reused on a warm
+                           start only for the identical compiled code: lowering/guard.py)
 
 `ac.compile(model, dir, compile_cache=True)` loads the .bin with torch.compiler.load_cache_artifacts
 before anything is compiled, if and only if the key computed for the new module equals the saved
@@ -56,6 +58,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -194,9 +197,11 @@ def _difference(saved: dict, now: dict) -> str:
 
 
 # -- save --------------------------------------------------------------------------------------
-def files_to_save(table, options: dict, compiled: bool) -> dict[str, bytes]:
+def files_to_save(table, options: dict, compiled: bool, verdicts: dict | None = None) -> dict[str, bytes]:
     """{file name: bytes} of the cache and its key, for checkpoint.save_adapter to stage with the adapter
     (written to temporary files and renamed with the rest: a failed save leaves no half-written cache).
+    `verdicts`: graph fingerprint -> {"graph", "compared", "worst"} of each compiled graph the correctness
+    guard passed in this process (lowering/guard.py), saved next to the key for a warm start to reuse.
     Raises AdapterError when there is nothing to save."""
     if options.get("lowering") == "eager":
         # refused, not a no-op: the user asked for a warm start this module cannot give
@@ -220,7 +225,8 @@ def files_to_save(table, options: dict, compiled: bool) -> dict[str, bytes]:
         files[KERNELS_NAME] = kernels
         counts["cpp_kernels"] = len(zipfile.ZipFile(io.BytesIO(kernels)).namelist())
     key_file = {"format": FORMAT, "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in files.items()},
-                "artifacts": counts, "key": cache_key(table, options)}
+                "artifacts": counts, "key": cache_key(table, options),
+                "verdicts": {fp: {**v, "status": "passed"} for fp, v in sorted((verdicts or {}).items())}}
     # the key last: an interrupted rename leaves an old key that does not match the new files' checksums
     return {**files, KEY_NAME: json.dumps(key_file, indent=1).encode()}
 
@@ -316,10 +322,27 @@ def load(directory, table, options: dict, trusted: bool) -> str:
                 n = sum(counts.values())
                 shown = ", ".join(f"{kind} {c}" for kind, c in counts.items())
                 cpp = f", {restored} C++ kernels" if kernels is not None else ""
-                return f"compile cache: loaded {n} artifacts ({shown}{cpp}) from {where}"
+                table.verified = _verdicts(where)
+                checked = f"; {len(table.verified)} guard verdicts" if table.verified else ""
+                return f"compile cache: loaded {n} artifacts ({shown}{cpp}{checked}) from {where}"
     line = f"compile cache: {where / CACHE_NAME} ignored: {why}"
     warnings.warn(line, CompileCacheWarning, stacklevel=3)
     return line
+
+
+def _verdicts(where: Path) -> dict:
+    """The guard verdicts saved next to a key that matched: fingerprint -> record (well-formed ones only)."""
+    try:
+        saved = json.loads((where / KEY_NAME).read_text()).get("verdicts")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    out = {}
+    for fp, v in (saved.items() if isinstance(saved, dict) else ()):
+        if (isinstance(fp, str) and re.fullmatch(r"[0-9a-f]{32}", fp) and isinstance(v, dict)
+                and v.get("status") == "passed" and isinstance(v.get("compared"), int)
+                and isinstance(v.get("worst"), (int, float)) and math.isfinite(v["worst"])):
+            out[fp] = {**v, "source": str(where)}
+    return out
 
 
 def _why_not(where: Path, table, options: dict) -> str | None:

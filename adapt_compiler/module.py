@@ -616,10 +616,25 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         extra = None
         if check_flag(compile_cache, "save_adapter") and format == "peft":
             compiled = any(e.lowered for es in self._graphs.values() for e in es)
-            extra = files_to_save(self.table, self._compile_options(), compiled)  # refuses before writing
+            extra = files_to_save(self.table, self._compile_options(), compiled,  # refuses before writing
+                                  self._passed_verdicts())
         elif compile_cache:
             extra = {}  # formats.save_adapter refuses it by name for single-file formats
         formats.save_adapter(self.table, path, adapter_name, format=format, component=component, extra_files=extra)
+
+    def _passed_verdicts(self) -> dict:
+        """Graph fingerprint -> the guard's verdict, for each compiled graph whose compiled code passed the
+        check (or reused a passed verdict) and serves it: what a warm start may reuse (lowering/guard.py)."""
+        out = {}
+        for (_, training, _), entries in self._graphs.items():
+            for i, entry in enumerate(entries):
+                for variant, k in entry.lowered:
+                    gm = entry.graphs[variant, k]
+                    v, fp = gm.meta.get("ac_guard"), gm.meta.get("ac_guard_fingerprint")
+                    if v is not None and fp and v.status in ("passed", "reused") and v.lowering != "eager":
+                        out[fp] = {"graph": f"{'train' if training else 'eval'}/{variant}#{i}",
+                                   "compared": v.compared, "worst": v.worst}
+        return out
 
     def _compile_options(self) -> dict:
         """The compile options a compile cache is keyed on (compile_cache.cache_key)."""

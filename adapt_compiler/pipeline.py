@@ -135,6 +135,10 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True, opt
         buffers=lambda: [t for t in table.frozen.values() if not isinstance(t, nn.Parameter)],
         fallbacks=[("eager", lambda: gm)],
         what=what,
+        # a warm start's saved verdicts (compile_cache.py); "auto" compiles in a background thread, where
+        # this call's cache hits and misses cannot be told apart from the thread's: always checked
+        reuse=table.verified if how in ("inductor", "regional") else None,
+        options=options,
     )
     if how == "auto":  # eager calls until a background thread has compiled it (lowering/auto.py)
         return EagerUntilCompiled(gm, compiled, served, what)

@@ -223,6 +223,13 @@ def _check_text(verdict) -> str:
     """The guard's verdict on one compiled graph (lowering/guard.py)."""
     if verdict is None:
         return "not run yet (checked against eager on its first call)"
+    if verdict.status == "reused":
+        return (f"guard: verdict reused from {verdict.source} (this compiled code passed the check against eager "
+                f"on this graph when the cache was saved: {verdict.compared} tensors, worst relative error "
+                f"{verdict.worst:.1e}; every compile of it came from that cache)")
+    if verdict.status == "passed" and verdict.note:
+        return (f"checked against eager: {verdict.compared} tensors agree (worst relative error {verdict.worst:.1e}); "
+                f"{verdict.note}")
     if verdict.status == "passed":
         classes = f", {verdict.shape_classes} shape classes" if verdict.shape_classes > 1 else ""
         return (f"checked against eager: {verdict.compared} tensors agree (worst relative error {verdict.worst:.1e}"

@@ -85,6 +85,9 @@ class AdapterTable:
     pool: Any = None  # lowering.pool.AdapterPool: adapters served from preallocated slots, or None
     # FQN -> quant.QuantInfo of each quantized layer, read once at compile time; its operands are in `frozen`
     quant: dict = field(default_factory=dict)
+    # graph fingerprint -> the guard's verdict saved with a compile cache whose key matched this module
+    # (compile_cache.load fills it; lowering/guard.py reuses a verdict only for the identical compiled code)
+    verified: dict = field(default_factory=dict)
 
     @property
     def specs(self) -> dict:

@@ -16,8 +16,16 @@ counted in the CPU time):
               on CPU it also has the compiled C++ kernels, which the artifacts do not carry)
 Measured like benchmarks/first_step.py: first_step_s (wall) and first_step_cpu_s from the compile call
 to the end of the first AdamW step (capture, compile, the guard's eager check, forward, backward);
-plus Inductor/AOTAutograd cache counters and, for warm, the report's compile-cache line. The warm
-runs' first loss must equal the cold run's (loss_matches_cold).
+plus Inductor/AOTAutograd cache counters, the guard's verdict ("reused": a warm start took the verdict
+saved with the cache, docs/GUARANTEES.md section 7) and, for warm, the report's compile-cache line. The
+warm runs' first loss must equal the cold run's (loss_matches_cold).
+
+Breakdown (phases_s, wall and CPU s per phase: benchmarks/phases.py): cache_load, capture (torch.export),
+passes (pipeline.build), guard_reference (the guard's eager run), dynamo (its trace, minus the backend),
+aot_inductor (AOTAutograd + Inductor: on a warm start, cache lookups and loading the compiled code),
+regional_prepare / regional_compile (lowering="regional"), compiled_run (the compiled forward and backward
+of the guard's call), backward (the user's), optimizer; before_s: import and model build, outside the
+first step's clock. A second table prints the CPU seconds per phase.
 
 Model: Llama (hidden 256, intermediate 512, 4 heads, vocab 1000; --small: hidden 64), random weights, LoRA
 r=8 on q/k/v/o, batch 2 x 64, OMP_NUM_THREADS=2 unless set. One JSON line per run appended to --out
@@ -37,40 +45,53 @@ from benchmarks.first_step import TARGETS, _cpu_s
 
 
 def one(run: str, layers: int, small: bool, adapter_dir: str, lowering: str) -> dict:
+    t_import, c_import = time.perf_counter(), _cpu_s()
     import torch
     from torch._dynamo.utils import counters
 
     import adapt_compiler as ac
+    from benchmarks.phases import Phases
 
+    before = {"import": (time.perf_counter() - t_import, _cpu_s() - c_import)}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     hidden, inter = (64, 128) if small else (256, 512)
+    t, c = time.perf_counter(), _cpu_s()
     model, batch = child.llama_and_batch(hidden, inter, layers)
+    before["model_build"] = (time.perf_counter() - t, _cpu_s() - c)
 
+    phases = Phases()
     t0, c0 = time.perf_counter(), _cpu_s()
-    if run == "cold":
-        m = ac.compile(model, ac.LoRA(r=8, targets=TARGETS), lowering=lowering)
-    else:
-        m = ac.compile(model, adapter_dir, lowering=lowering, compile_cache=run == "warm")
-    m.train()
-    params = m.adapter_parameters()
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    loss = m(**batch).loss
-    loss.backward()
+    with phases:
+        if run == "cold":
+            m = ac.compile(model, ac.LoRA(r=8, targets=TARGETS), lowering=lowering)
+        else:
+            m = ac.compile(model, adapter_dir, lowering=lowering, compile_cache=run == "warm")
+        m.train()
+        params = m.adapter_parameters()
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        with phases.phase("first_forward"):  # what of the forward no phase below names
+            loss = m(**batch).loss
+        with phases.phase("backward"):
+            loss.backward()
     save_s = save_cpu_s = 0.0
     if run == "cold":  # saved before the optimizer step: the warm runs start from these weights (same loss)
         t, c = time.perf_counter(), _cpu_s()
         m.save_adapter(adapter_dir, compile_cache=True)
         save_s, save_cpu_s = time.perf_counter() - t, _cpu_s() - c
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with phases.phase("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     res = {"run": run, "layers": layers, "small": small, "lowering": lowering,
            "first_step_s": time.perf_counter() - t0 - save_s, "first_step_cpu_s": _cpu_s() - c0 - save_cpu_s,
-           "loss0": float(loss)}
+           "loss0": float(loss), "before_s": {k: (round(w, 3), round(c, 3)) for k, (w, c) in before.items()},
+           "phases_s": phases.seconds()}
     if run == "cold":
         res["save_s"] = save_s
         res["cache_bytes"] = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir)
                                  if f.startswith("compile_cache."))
-    res["cache_line"] = m.report().compile_cache
+    rep = m.report()
+    res["cache_line"] = rep.compile_cache
+    res["guard"] = [f"{what}: {getattr(v, 'status', None)}" for what, v in m._checks()]
     res["counters"] = {k: {n: v for n, v in counters[k].items() if "cache" in n}
                        for k in ("inductor", "aot_autograd")}
     return res
@@ -82,18 +103,39 @@ def run_child(run: str, layers: int, small: bool, adapter_dir: str, cache: str, 
                            cache, {"run": run, "layers": layers})
 
 
+PHASES = ("cache_load", "capture", "passes", "guard_reference", "dynamo", "regional_prepare", "regional_compile",
+          "aot_inductor", "compiled_run", "backward", "optimizer")
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| layers | run | first step s (wall) | first step CPU s | FX-graph cache hit/miss | AOTAutograd hit/miss "
-           "| loss = cold | load |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| layers | lowering | run | first step s (wall) | first step CPU s | FX-graph cache hit/miss "
+           "| AOTAutograd hit/miss | guard | loss = cold | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['layers']} | {r['run']} | ERROR {r['error'][-160:]!r} ||||||")
+            out.append(f"| {r['layers']} | {r.get('lowering', '')} | {r['run']} | ERROR {r['error'][-160:]!r} |||||||")
             continue
         ind, aot = r["counters"]["inductor"], r["counters"]["aot_autograd"]
-        out.append(f"| {r['layers']} | {r['run']} | {r['first_step_s']:.1f} | {r['first_step_cpu_s']:.1f} | "
+        guard = ", ".join(g.split(": ", 1)[-1] for g in r.get("guard", [])) or "-"
+        out.append(f"| {r['layers']} | {r['lowering']} | {r['run']} | {r['first_step_s']:.1f} | {r['first_step_cpu_s']:.1f} | "
                    f"{ind.get('fxgraph_cache_hit', 0)}/{ind.get('fxgraph_cache_miss', 0)} | "
-                   f"{aot.get('autograd_cache_hit', 0)}/{aot.get('autograd_cache_miss', 0)} | "
+                   f"{aot.get('autograd_cache_hit', 0)}/{aot.get('autograd_cache_miss', 0)} | {guard} | "
                    f"{r.get('loss_matches_cold', '')} | {r['load1']:.1f} |")
+    return "\n".join(out)
+
+
+def breakdown(rows: list[dict]) -> str:
+    """CPU seconds per phase (benchmarks/phases.py); import and model build happen before the first step's clock."""
+    rows = [r for r in rows if "phases_s" in r]
+    used = [p for p in PHASES if any(p in r["phases_s"] for r in rows)]
+    out = ["| layers | lowering | run | import | model build | " + " | ".join(used) + " | other | first step CPU s |",
+           "|---|---|---|---|---|" + "---|" * (len(used) + 2)]
+    for r in rows:
+        ph, before = r["phases_s"], r.get("before_s", {})
+        cells = [f"{ph[p][1]:.2f}" if p in ph else "-" for p in used]
+        other = r["first_step_cpu_s"] - sum(v[1] for v in ph.values())
+        out.append(f"| {r['layers']} | {r['lowering']} | {r['run']} | {before.get('import', (0, 0))[1]:.1f} | "
+                   f"{before.get('model_build', (0, 0))[1]:.1f} | " + " | ".join(cells) +
+                   f" | {other:.2f} | {r['first_step_cpu_s']:.1f} |")
     return "\n".join(out)
 
 
@@ -127,6 +169,8 @@ def main() -> None:
             with open(a.out, "a") as f:
                 f.write(json.dumps(res) + "\n")
     print(table(rows))
+    print()
+    print(breakdown(rows))
 
 
 if __name__ == "__main__":

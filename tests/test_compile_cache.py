@@ -9,12 +9,14 @@ process's Inductor disk cache is warm by then). About 3-4 min on a quiet 2-core 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 import warnings
 import zipfile
 from pathlib import Path
@@ -95,6 +97,12 @@ def test_save_writes_cache_and_key_and_peft_still_loads_the_directory(saved):
     with zipfile.ZipFile(directory / compile_cache.KERNELS_NAME) as z:
         assert all(n.endswith(".so") for n in z.namelist()) and len(z.namelist()) == key["artifacts"]["cpp_kernels"]
     assert key["key"]["torch"] == torch.__version__ and key["key"]["adapters"]["default"]["r"] == 4
+    # the guard's verdict on the one compiled graph, recorded for the graph it checked
+    gm = saved["m"].latest_graph()
+    assert gm.meta["ac_guard"].status == "passed"
+    assert list(key["verdicts"]) == [gm.meta["ac_guard_fingerprint"]]
+    record = key["verdicts"][gm.meta["ac_guard_fingerprint"]]
+    assert record["status"] == "passed" and record["compared"] == gm.meta["ac_guard"].compared > 0
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         ["adapter_config.json", "adapter_model.safetensors", compile_cache.CACHE_NAME, compile_cache.KERNELS_NAME,
          compile_cache.KEY_NAME])
@@ -117,11 +125,35 @@ import torch
 sys.path.insert(0, sys.argv[1])
 import test_compile_cache as t
 from torch._dynamo.utils import counters
+runs = t._count_guard_runs()
 base, m = t._module(sys.argv[2], compile_cache=True)
 loss, grads = t._step(m)
-torch.save({"loss": loss, "grads": grads, "line": m.report().compile_cache,
+(what, verdict), = m._checks()
+m.save_adapter(sys.argv[4], compile_cache=True)  # saved again from the warm process: the verdict carries over
+resaved = json.loads(open(sys.argv[4] + "/compile_cache.json").read())["verdicts"]
+torch.save({"loss": loss, "grads": grads, "line": m.report().compile_cache, "report": str(m.report()),
+            "verdict": (verdict.status, verdict.source, verdict.compared), "guard_runs": runs[0], "resaved": resaved,
             "counters": {k: dict(counters[k]) for k in ("inductor", "aot_autograd")}}, sys.argv[3])
 """
+
+
+def _count_guard_runs(monkeypatch=None) -> list:
+    """Counts the guard's runs of a graph (the eager reference and each candidate): 2 for a full check of a
+    first call, 1 when a saved verdict is reused (the compiled call alone). Patched for the test (or for
+    the child process's life)."""
+    from adapt_compiler.lowering import guard
+
+    runs, real = [0], guard._run
+
+    def counting(*args, **kwargs):
+        runs[0] += 1
+        return real(*args, **kwargs)
+
+    if monkeypatch is None:
+        guard._run = counting
+    else:
+        monkeypatch.setattr(guard, "_run", counting)
+    return runs
 
 
 def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_path):
@@ -130,7 +162,8 @@ def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_pat
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "child.pt"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), str(saved["dir"]), str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), str(saved["dir"]), str(out), str(tmp_path / "again")],
+                          env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
@@ -142,6 +175,13 @@ def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_pat
         "autograd_cache_hit", 0)
     assert hits > 0, got["counters"]  # its graphs came from the artifacts, not a fresh compile
     assert got["counters"]["inductor"].get("fxgraph_cache_miss", 0) == 0, got["counters"]
+    # the guard's verdict came with the cache: the same compiled code was checked on the same graph (a
+    # fingerprint computed in this fresh process matched the saved one), so no eager reference ran
+    assert got["verdict"] == ("reused", str(saved["dir"]), saved["m"].latest_graph().meta["ac_guard"].compared)
+    assert got["guard_runs"] == 1
+    assert f"guard: verdict reused from {saved['dir']}" in got["report"]
+    assert "1 guard verdicts" in got["line"]
+    assert got["resaved"] == json.loads((saved["dir"] / compile_cache.KEY_NAME).read_text())["verdicts"]
     assert_close(got["loss"], saved["loss"], rtol=0, atol=1e-6, what="warm loss")
     assert set(got["grads"]) == set(saved["grads"])
     for k in saved["grads"]:
@@ -149,7 +189,8 @@ def test_fresh_process_loads_the_cache_and_its_first_step_uses_it(saved, tmp_pat
 
 
 # -- (3) a stale cache is never loaded -------------------------------------------------------------
-def test_stale_torch_version_is_ignored_with_the_reason_and_the_step_is_still_right(saved, tmp_path, no_load):
+def test_stale_torch_version_is_ignored_with_the_reason_and_the_step_is_still_right(saved, tmp_path, no_load,
+                                                                                  monkeypatch):
     directory = _copy(saved, tmp_path)
     _edit_key(directory, lambda k: k.update(torch="2.12.0"))
     with pytest.warns(compile_cache.CompileCacheWarning, match="made for torch 2.12.0"):
@@ -158,10 +199,15 @@ def test_stale_torch_version_is_ignored_with_the_reason_and_the_step_is_still_ri
     assert "ignored: made for torch 2.12.0, this is torch " + torch.__version__ in line
     assert "ignored" in str(m.report())
     assert no_load == []
+    runs = _count_guard_runs(monkeypatch)
     loss, grads = _step(m)  # compiled here without the cache: same numbers
     assert_close(loss, saved["loss"], what="loss")
     for k in saved["grads"]:
         assert_close(grads[k], saved["grads"][k], what=f"grad {k}")
+    # a mismatched key brings no verdict: the guard checked this graph against eager again
+    (_, verdict), = m._checks()
+    assert verdict.status == "passed" and verdict.source is None and runs[0] == 2
+    assert m.table.verified == {} and "verdict reused" not in str(m.report())
 
 
 @pytest.mark.parametrize("edit, reason", [
@@ -190,6 +236,57 @@ def test_key_changes_with_the_spec_and_the_model():
     assert compile_cache.cache_key(c.table, c._compile_options())["model"] != key["model"]
     assert compile_cache.cache_key(d.table, d._compile_options())["model"]["dtypes"] == ["torch.float64"]
     assert compile_cache.cache_key(a.table, a._compile_options()) == key  # and is stable
+
+
+# -- (3b) the guard's saved verdict serves only the identical compiled code ---------------------------
+def _warm_step(directory, monkeypatch, context=None):
+    """A module from `directory` with its cache loaded, in this process (its Inductor caches hold the
+    fixture's graphs), and its first step (inside `context`): (module, loss, grads, guard runs)."""
+    runs = _count_guard_runs(monkeypatch)
+    _, m = _module(directory, compile_cache=True)
+    with context if context is not None else contextlib.nullcontext():
+        loss, grads = _step(m)
+    return m, loss, grads, runs[0]
+
+
+def _assert_same_step(saved, loss, grads):
+    assert_close(loss, saved["loss"], what="loss")
+    for k in saved["grads"]:
+        assert_close(grads[k], saved["grads"][k], what=f"grad {k}")
+
+
+def test_saved_verdict_is_reused_for_the_same_graph_from_the_cache(saved, tmp_path, monkeypatch):
+    m, loss, grads, runs = _warm_step(_copy(saved, tmp_path), monkeypatch)
+    (_, verdict), = m._checks()
+    assert verdict.status == "reused" and runs == 1
+    _assert_same_step(saved, loss, grads)
+
+
+def test_saved_verdict_for_another_graph_is_not_reused(saved, tmp_path, monkeypatch):
+    """The key matches, but the verdict was recorded for another graph (its fingerprint): checked again."""
+    directory = _copy(saved, tmp_path)
+    key_file = directory / compile_cache.KEY_NAME
+    data = json.loads(key_file.read_text())
+    data["verdicts"] = {"0" * 32: next(iter(data["verdicts"].values()))}
+    key_file.write_text(json.dumps(data))
+    m, loss, grads, runs = _warm_step(directory, monkeypatch)
+    (_, verdict), = m._checks()
+    assert m.table.verified and verdict.status == "passed" and verdict.source is None and runs == 2
+    _assert_same_step(saved, loss, grads)
+
+
+def test_saved_verdict_is_not_reused_when_inductor_compiles_anew(saved, tmp_path, monkeypatch):
+    """Same key, same graph, but a setting outside our key changes torch's cache keys (a cache-key tag, new
+    for each run, so nothing on disk matches): the compiled code is new (a cache miss), so its first call
+    is checked against eager, and the numbers are those of a full check (the candidate's first run is
+    dropped, the state restored)."""
+    tag = torch.compiler.config.patch(cache_key_tag=f"ac-test-{uuid.uuid4().hex}")
+    m, loss, grads, runs = _warm_step(_copy(saved, tmp_path), monkeypatch, tag)
+    (_, verdict), = m._checks()
+    assert verdict.status == "passed" and runs == 3  # the dropped compiled call, the reference, the candidate
+    assert "not reused: Inductor compiled this graph anew" in verdict.note
+    assert "not reused" in str(m.report())
+    _assert_same_step(saved, loss, grads)
 
 
 # -- (4) bad input ---------------------------------------------------------------------------------

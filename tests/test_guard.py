@@ -156,3 +156,51 @@ def test_each_shape_class_of_a_dynamic_compile_is_checked():
     assert_close(out, gm(x), what="a batch of one after the fallback")
     assert guarded.verdict.status == "mismatch" and guarded.verdict.lowering == "eager"
     assert guarded.verdict.shape_classes == 2
+
+
+def test_a_backward_that_reuses_its_saved_buffers_gives_the_user_right_gradients():
+    """A compiled backward may overwrite the tensors it saved from the forward once it has used them
+    (Inductor's donated buffers; a backward compiled with donation can be served from Inductor's cache,
+    whose key does not cover it). Its first backward is right, a second one through the same graph is
+    not. The guard's check runs a backward; the user's backward must not be the second through that
+    graph (the check passes, and before the fix the user's gradients were wrong with no warning)."""
+    torch._dynamo.reset()
+
+    kept = set()  # storages of the forward's inputs (parameters, the batch): never donated, activations are
+
+    def storages(xs):
+        return {x.untyped_storage().data_ptr() for x in xs if isinstance(x, torch.Tensor)}
+
+    def forward(gm, _):
+        def run(*args):
+            out = gm(*args)
+            kept.update(storages(args))
+            return out
+
+        return make_boxed_func(run)
+
+    def donating(gm, _):
+        def run(*args):
+            out = gm(*args)
+            for a in args:  # the activations the backward saved, overwritten after use (behind autograd's back,
+                # as generated code writing into a donated buffer does)
+                if isinstance(a, torch.Tensor) and a.is_floating_point() and a.untyped_storage().data_ptr() not in kept:
+                    a.data.mul_(0.5)
+            return out
+
+        return make_boxed_func(run)
+
+    backend = aot_autograd(fw_compiler=forward, bw_compiler=donating)
+    backend.__name__ = "donating"
+    ref, m = _pair(backend)
+    batch = token_batch(labels=True)
+    want_loss, want = _step(ref, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompilerMismatchWarning)  # the compiled code is right: the check passes
+        loss, got = _step(m, batch)
+    (verdict,) = [v for _, v in m.report().checks]
+    assert verdict.status == "passed" and verdict.lowering == "donating"
+    assert_close(loss, want_loss, what="loss")
+    for k in want:
+        assert want[k].abs().max() > 0, k
+        assert_close(got[k], want[k], what=f"grad {k}")  # the user's backward was the first through its graph

@@ -3,7 +3,8 @@
 Compilers have bugs (Inductor on CPU in torch 2.13 trains a diffusers UNet with wrong gradients,
 docs/upstream/), and our users must not inherit them silently. `guard(gm, compiled, ...)` wraps a
 lowered graph. Its first call runs the uncompiled FX graph (the reference) and the compiled one on
-the same inputs, from the same RNG state and buffer values:
+the same inputs, from the same RNG state and buffer values (then, in training, the chosen one runs
+once more from that state for the user, so the user's backward is the first through its graph: `_run`):
 
 * with gradients (a training step): every floating output is contracted with a fixed random
   cotangent, and the gradients of that scalar with respect to every trainable adapter tensor are
@@ -17,15 +18,29 @@ dynamic dim is 0 or 1, so such a compiled callable tells the guard the call's `s
 first call of every class is checked as the very first call is.
 
 Tolerances scale with the dtype of each tensor (`TOLERANCE`). If the two agree, the compiled graph
-serves this call (its autograd graph is kept for the user's backward) and every later call. If
+serves this call (run again for the user, see above) and every later call. If
 they do not, a `CompilerMismatchWarning` names the graph, the tensors that differ and by how much;
 the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
 does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
-training) per new graph; `ac.compile(..., verify=False)` turns it off.
+training) per new graph, and in training one more forward of the chosen lowering (`_run`);
+`ac.compile(..., verify=False)` turns it off.
+
+A warm start (compile_cache.py) may skip the eager reference: `reuse` holds the verdicts saved with a
+compile cache whose key matched this module (torch, adapt_compiler's code, spec, options, model,
+machine and vector ISA). A saved "passed" verdict serves this graph only if (1) the graph's
+`fingerprint` (its code, its inputs' and tensors' metadata, the lowering and its options) equals the
+one the verdict was recorded for, and (2) every Inductor compile of this first call was served from
+the FX-graph/AOTAutograd caches (hits, no miss and no bypass): then the code that runs is the code
+that was compiled and checked when the cache was saved, on the same graph, and this first call is,
+for the guard, what that process's second call was. Otherwise (a miss: Inductor compiled something
+anew) the candidate's outputs are dropped, the state is restored and the full check runs. The
+reasoning, and what it does not cover, is in docs/GUARANTEES.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +67,8 @@ class Verdict:
     compared: int = 0  # tensors compared
     worst: float = 0.0  # largest error relative to its tensor's scale
     mismatches: list = field(default_factory=list)  # (what, |Δ| max, scale) of each tensor that differs
+    source: str | None = None  # status "reused": the compile cache directory the verdict came from
+    note: str | None = None  # why a saved verdict was not reused (the check ran)
     shape_classes: int = 1  # compiled specialisations checked (see the module docstring)
 
 
@@ -124,7 +141,15 @@ class _State:
 
 
 def _run(fn, args, kwargs, params, grads: bool):
-    """(outputs, [gradient per param or None]) of one call; with `grads`, the autograd graph is kept."""
+    """(outputs, [gradient per param] or None) of one call. With `grads`, the check's backward consumes
+    the call's autograd graph (not retained): the caller runs the call again for the user (`_again`).
+
+    Why not retain it and hand these outputs to the user: a compiled backward may reuse the buffers it
+    saved from the forward in place ("donated buffers"). Our compiles turn donation off, but Inductor's
+    FX-graph cache key does not cover it (torch 2.13), so a backward compiled elsewhere with donation
+    can be served from the cache; its first backward is right, and a second backward through the same
+    graph (the user's, after the check's) reads overwritten buffers and gives wrong gradients with no
+    error (seen: tests/test_regional.py over a shared Inductor cache dir, adapter grads off by up to 7 %)."""
     out = fn(*args, **kwargs)
     if not grads:
         return out, None
@@ -132,16 +157,62 @@ def _run(fn, args, kwargs, params, grads: bool):
     if scalar is None:
         return out, None
     # every graph we compile has buffer donation off (lowering/dynamic.py), but a backward loaded from
-    # AOTAutograd's cache does not say so, and torch then refuses the retained graph as if it had
+    # AOTAutograd's cache does not say so, and torch then refuses it as if it had (seen in a fresh
+    # process over a cache entry compiled elsewhere, even without retain_graph)
     with torch._functorch.config.patch(donated_buffer=False):
-        got = torch.autograd.grad(scalar, params, retain_graph=True, allow_unused=True)
+        got = torch.autograd.grad(scalar, params, allow_unused=True)
     return out, list(got)
+
+
+def _again(fn, args, kwargs, state: "_State"):
+    """The call once more from the saved state (buffers, inputs updated in place, RNG), for the user: its
+    autograd graph has had no backward yet (see `_run`)."""
+    state.restore()
+    return fn(*args, **kwargs)
+
+
+def fingerprint(gm, lowering: str, options: dict | None) -> str:
+    """What a saved verdict must have been recorded for (sha256, 32 hex digits): the graph's code
+    (every op, every slot call, the plan's kwargs), its inputs' metadata (shapes with export's
+    symbols, dtypes, strides, devices), the metadata of every tensor it holds (frozen base, adapter
+    tensors, requires_grad included), its variant and mode, the lowering and its options."""
+    h = hashlib.sha256(gm.code.encode())
+
+    def meta(v):
+        if isinstance(v, torch.Tensor):
+            return (tuple(str(s) for s in v.shape), tuple(str(s) for s in v.stride()), str(v.dtype), str(v.device),
+                    v.requires_grad)
+        return type(v).__name__ if v is None or isinstance(v, (int, float, bool, str)) else repr(type(v))
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            h.update(repr((node.target, meta(node.meta.get("val")))).encode())
+    for name, t in itertools.chain(gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)):
+        h.update(repr((name, meta(t))).encode())
+    h.update(repr((lowering, sorted((options or {}).items()), gm.meta.get("ac_variant"),
+                   gm.meta.get("ac_training"))).encode())
+    return h.hexdigest()[:32]
+
+
+# Inductor compiles that did not come from a cache: any of these in a first call means the code that runs
+# is new, and a saved verdict does not apply to it
+_FRESH = (("inductor", "fxgraph_cache_miss"), ("inductor", "fxgraph_cache_bypass"),
+          ("aot_autograd", "autograd_cache_miss"))
+_HITS = (("inductor", "fxgraph_cache_hit"), ("aot_autograd", "autograd_cache_hit"))
+
+
+def _cache_counts() -> tuple[int, int]:
+    """(compiles not served from a cache, cache hits) so far in this process (torch's counters)."""
+    from torch._dynamo.utils import counters
+
+    return (sum(counters[a][b] for a, b in _FRESH), sum(counters[a][b] for a, b in _HITS))
 
 
 class GuardedGraph:
     """A lowered graph whose first call is checked (see the module docstring)."""
 
-    def __init__(self, gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str):
+    def __init__(self, gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str, reuse=None,
+                 options: dict | None = None):
         self.gm, self.fn, self.lowering = gm, compiled, lowering
         self.tensors = tensors  # () -> [(label, parameter)]: the trainable adapter tensors
         self.buffers = buffers  # () -> [buffer]: base tensors a call may update in place
@@ -152,6 +223,10 @@ class GuardedGraph:
         self.shape_class = getattr(compiled, "shape_class", None)
         self.checked_classes: set = set()
         gm.meta["ac_guard"] = None
+        # what a saved verdict is matched on, kept on the graph so that save_adapter can record this one
+        gm.meta["ac_guard_fingerprint"] = fingerprint(gm, lowering, options)
+        saved = (reuse or {}).get(gm.meta["ac_guard_fingerprint"])
+        self.reuse = saved if isinstance(saved, dict) and saved.get("status") == "passed" else None
 
     def __call__(self, *args, **kwargs):
         key = self.shape_class(args, kwargs) if self.shape_class is not None else None
@@ -161,11 +236,31 @@ class GuardedGraph:
         self.checked_classes.add(key)
         return out
 
+    def _reused_call(self, args, kwargs, params, grads, state):
+        """The first call on a saved verdict: (outputs, None), or (None, why not) after the state is restored."""
+        fresh, hits = _cache_counts()
+        out, got = _run(self.fn, args, kwargs, params, grads)  # with grads: the backward is loaded (and counted) too
+        fresh_now, hits_now = _cache_counts()
+        if fresh_now == fresh and hits_now > hits:
+            return (out if got is None else _again(self.fn, args, kwargs, state)), None
+        del out
+        state.restore()
+        why = ("Inductor compiled this graph anew (a cache miss)" if fresh_now != fresh
+               else "nothing of this graph came from the compile cache")
+        return None, f"verdict saved in {self.reuse.get('source')} not reused: {why}; checked against eager"
+
     def _first_call(self, args, kwargs):
         labelled = [(label, p) for label, p in self.tensors() if p.requires_grad]
         grads = torch.is_grad_enabled() and bool(labelled)
         params = [p for _, p in labelled]
         state = _State(self.buffers(), args, kwargs)
+        note = None
+        if self.reuse is not None and self.verdict is None:  # a saved verdict is for the graph's first call
+            out, note = self._reused_call(args, kwargs, params, grads, state)
+            if note is None:
+                self._record(Verdict("reused", self.lowering, int(self.reuse.get("compared", 0)),
+                                     float(self.reuse.get("worst", 0.0)), source=self.reuse.get("source")))
+                return out
         ref_out, ref_grads = _run(self.gm, args, kwargs, params, grads)
         ref = _float_leaves(ref_out)
         ref_grads = [g.detach() if g is not None else None for g in ref_grads] if ref_grads is not None else None
@@ -191,24 +286,26 @@ class GuardedGraph:
             if not bad:
                 self.fn, self.lowering = fn, name
                 self._record(Verdict("passed" if i == 0 else "mismatch", name, len(pairs), worst,
-                                     first_bad[1] if first_bad else []))
+                                     first_bad[1] if first_bad else [], note=note))
                 if first_bad:
                     self._warn(first_bad[0], first_bad[1], name)
-                return out
+                return out if got is None else _again(fn, args, kwargs, state)
             if first_bad is None:
                 first_bad = (name, bad)
         raise AssertionError("the eager fallback disagreed with the eager reference")  # eager is the reference
 
     def _record(self, verdict: Verdict) -> None:
-        """Keep the verdict that matters most across shape classes: a mismatch over a pass."""
+        """Keep the verdict that matters most across shape classes: the first mismatch over a pass."""
         before = self.verdict
         if before is not None:
-            verdict.shape_classes = before.shape_classes + 1
-            if before.status == "mismatch" and verdict.status != "mismatch":
-                before.shape_classes = verdict.shape_classes
-                verdict = before
+            classes = before.shape_classes + 1
+            if verdict.status == "mismatch" and before.status != "mismatch":
+                verdict.shape_classes = classes
             else:
-                verdict.worst = max(verdict.worst, before.worst)
+                if verdict.status != "mismatch":
+                    before.worst = max(before.worst, verdict.worst)
+                before.shape_classes = classes
+                verdict = before
         self.verdict = verdict
         self.gm.meta["ac_guard"] = verdict
 
@@ -226,6 +323,8 @@ class GuardedGraph:
         )
 
 
-def guard(gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str) -> GuardedGraph:
-    """Wrap a lowered graph so its first call is verified (see the module docstring)."""
-    return GuardedGraph(gm, compiled, lowering, tensors, buffers, fallbacks, what)
+def guard(gm, compiled, lowering: str, tensors, buffers, fallbacks, what: str, reuse=None,
+          options: dict | None = None) -> GuardedGraph:
+    """Wrap a lowered graph so its first call is verified (see the module docstring). `reuse`: fingerprint ->
+    verdict saved with a compile cache whose key matched; `options`: the compile options (fingerprinted)."""
+    return GuardedGraph(gm, compiled, lowering, tensors, buffers, fallbacks, what, reuse, options)
