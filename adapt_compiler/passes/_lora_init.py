@@ -55,6 +55,17 @@ class Initialiser:
 INITIALISERS: dict[str, Initialiser] = {}
 
 
+def peft_sub_config(config: dict | None, field: str, defaults: dict, peft_class: str) -> dict:
+    """A PEFT sub-config given as a dict (`eva_config=`, `corda_config=`, ...) with PEFT's defaults filled in;
+    unknown keys are refused by name, as PEFT's dataclass refuses them."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise AdapterError(f"LoRA: {field} has unknown keys {unknown}; PEFT's {peft_class} fields are "
+                           f"{sorted(defaults)}.")
+    return {**defaults, **config}
+
+
 def register_init(init: Initialiser) -> None:
     if init.name in INITIALISERS:
         raise AdapterError(f"LoRA initialiser {init.name!r} is registered twice.")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterError
-from ._lora_init import Initialiser, InitResult, register_init
+from ._lora_init import Initialiser, InitResult, peft_sub_config, register_init
 
 # PEFT's CordaConfig fields and defaults
 CORDA_DEFAULTS = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
@@ -32,12 +32,7 @@ CORDA_DEFAULTS = {"cache_file": None, "covariance_file": None, "corda_method": "
 
 
 def corda_config_of(config: dict | None) -> dict:
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(CORDA_DEFAULTS))
-    if unknown:
-        raise AdapterError(f"LoRA: corda_config has unknown keys {unknown}; PEFT's CordaConfig fields are "
-                           f"{sorted(CORDA_DEFAULTS)}.")
-    config = {**CORDA_DEFAULTS, **config}
+    config = peft_sub_config(config, "corda_config", CORDA_DEFAULTS, "CordaConfig")
     if config["corda_method"] not in ("ipm", "kpm"):
         raise AdapterError(f"LoRA: corda_config corda_method={config['corda_method']!r} must be 'ipm' or 'kpm'.")
     return config

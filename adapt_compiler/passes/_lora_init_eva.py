@@ -29,7 +29,7 @@ from collections import Counter
 import torch
 
 from ..errors import AdapterError
-from ._lora_init import Initialiser, register_init
+from ._lora_init import Initialiser, peft_sub_config, register_init
 
 # PEFT's EvaConfig fields and defaults
 EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
@@ -38,12 +38,7 @@ EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_val
 
 def eva_config_of(config: dict | None) -> dict:
     """PEFT's EvaConfig as a dict with its defaults, validated as PEFT validates it."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(EVA_DEFAULTS))
-    if unknown:
-        raise AdapterError(f"LoRA: eva_config has unknown keys {unknown}; PEFT's EvaConfig fields are "
-                           f"{sorted(EVA_DEFAULTS)}.")
-    config = {**EVA_DEFAULTS, **config}
+    config = peft_sub_config(config, "eva_config", EVA_DEFAULTS, "EvaConfig")
     if config["rho"] < 1.0:
         raise AdapterError(f"LoRA: eva_config rho={config['rho']!r} must be >= 1.0 (the most rank a layer may get "
                            f"is r·rho).")
