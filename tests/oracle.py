@@ -139,6 +139,23 @@ def check_vs_peft(base, peft_cfg, spec, batch, *, keys, train=False, seed=None):
     return m, pm
 
 
+def step_both_and_compare(m, pm, batch, *, loss_of=square_loss, lr=0.1):
+    """A training step on both sides: adapter gradients compared, one SGD step each, then the eval outputs
+    compared. Returns PEFT's output after the step."""
+    pm.train()
+    m.train()
+    loss_of(call_model(m, batch)).backward()
+    loss_of(call_model(pm, batch)).backward()
+    compare_grads(m, pm)
+    for params in (m.adapter_parameters(), [p for p in pm.parameters() if p.requires_grad]):
+        torch.optim.SGD(params, lr=lr).step()
+    pm.eval()
+    m.eval()
+    want = call_model(pm, batch)
+    assert_close(logits_of(call_model(m, batch)), logits_of(want), what="output after a step")
+    return want
+
+
 def check_full_parity(base, batch, peft_cfg, spec, tmp_path, *, keys, merge=True, seed=0, loss_of=square_loss,
                       lowering="eager", peft_merge=True):
     """The whole contract against PEFT on one configuration, with non-trivial adapter weights:
@@ -152,18 +169,7 @@ def check_full_parity(base, batch, peft_cfg, spec, tmp_path, *, keys, merge=True
     m = ours_from_peft(base, pm, spec, lowering=lowering)
     want = call_model(pm, batch)
     assert_close(logits_of(call_model(m, batch)), logits_of(want), what="output")
-    # a training step on both sides: gradients, then one SGD step, then the outputs again
-    pm.train()
-    m.train()
-    loss_of(call_model(m, batch)).backward()
-    loss_of(call_model(pm, batch)).backward()
-    compare_grads(m, pm)
-    for params in (m.adapter_parameters(), [p for p in pm.parameters() if p.requires_grad]):
-        torch.optim.SGD(params, lr=0.1).step()
-    pm.eval()
-    m.eval()
-    want = call_model(pm, batch)
-    assert_close(logits_of(call_model(m, batch)), logits_of(want), what="output after a step")
+    want = step_both_and_compare(m, pm, batch, loss_of=loss_of)
     pm.save_pretrained(tmp_path / "peft")
     loaded = ac.compile(base, str(tmp_path / "peft"), lowering="eager")
     assert_close(logits_of(call_model(loaded, batch)), logits_of(want), what="PEFT dir -> ours")
