@@ -60,10 +60,13 @@ print("ROWS " + json.dumps(rows))
 
 
 @pytest.fixture(scope="module")
-def rows():
+def rows(tmp_path_factory):
     """One fresh process: a training step at each budget, and one with gradient checkpointing."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    # its own Inductor cache: a kernel .so built by this test process (under pytest-xdist, with the same one
+    # OpenMP thread, so the same cache key) failed to load in the child with an undefined libstdc++ symbol
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
     runs = [str(b) for b in BUDGETS] + ["ckpt"]
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=1800)
