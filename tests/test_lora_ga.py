@@ -277,3 +277,16 @@ def test_lora_ga_refuses_layers_peft_does_not_compute():
     with pytest.raises(ac.AdapterError, match="init='lora_ga'") as err:
         ac.compile(model, ac.LoRA(r=2, targets=["0", "1"], init="lora_ga"), lowering="eager")
     assert "random init" in str(err.value)
+
+
+def test_lora_ga_refuses_a_quantized_base():
+    """PEFT's preprocess_loraga raises on a quantized target (LoRA-GA needs W's full-precision gradient); so do we,
+    by name, when the adapter is created."""
+    from quant_models import quantize_by_hand, require
+
+    require("bitsandbytes")
+    base = quantize_by_hand(tiny_llama(layers=1), "nf4")
+    with pytest.raises(ValueError, match="quantized"):
+        _peft_preprocessed(base, _peft_config(["q_proj"], {}), _data())
+    with pytest.raises(ac.AdapterError, match="init='lora_ga' over a quantized"):
+        ac.compile(base, ac.LoRA(r=4, targets=["q_proj"], init="lora_ga"), lowering="eager")
