@@ -2,7 +2,7 @@
 
 from . import export as _export_module  # noqa: F401 - loaded first so `ac.export` stays the function
 from .api import backend, compile, export, export_onnx, package
-from .data_init import get_eva_state_dict, initialize_eva, preprocess_corda
+from .data_init import get_eva_state_dict, initialize_eva, preprocess_corda, preprocess_loraga
 from .errors import AdapterError, AdapterShapeError
 from .export import adapter_constants
 from .generation_export import GenerationPrograms
@@ -29,6 +29,7 @@ __all__ = [
     "initialize_lora_eva_weights",
     "package",
     "preprocess_corda",
+    "preprocess_loraga",
 ]
 initialize_lora_eva_weights = initialize_eva  # PEFT's name
 __version__ = "0.1.0"

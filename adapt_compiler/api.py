@@ -87,9 +87,10 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     (compile_cache.py). Off by default: the cache holds pickled compiled code.
 
     `init_data` (a dataloader, or a list of batches): the data pass of a data-driven LoRA init, run before
-    compile returns: `LoRA(init="eva")` (ac.initialize_eva) and `LoRA(init="corda")` (ac.preprocess_corda, one
-    sample per batch). Without it such an adapter waits for that call (a CorDA adapter whose
-    corda_config cache_file exists is completed from the cache). data_init/ says what each leaves."""
+    compile returns: `LoRA(init="eva")` (ac.initialize_eva), `LoRA(init="corda")` (ac.preprocess_corda, one
+    sample per batch) and `LoRA(init="lora_ga")` (ac.preprocess_loraga: each batch's loss backpropagated).
+    Without it such an adapter waits for that call (a CorDA adapter whose corda_config cache_file exists is
+    completed from the cache). data_init/ says what each leaves."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"compile(): model must be a torch.nn.Module, got {type(model).__name__}.")
     if lowering not in LOWERINGS and not callable(lowering):

@@ -25,6 +25,7 @@ from .errors import AdapterError, CheckpointError
 from .names import PEFT_PREFIX as PREFIX
 from .passes import GraphMethod, method_for, method_for_peft_type
 from .default_targets import peft_default
+from .passes.lora import RESIDUAL_DATA_INITS
 from .passes.match import describe_layer, layer_kind
 from .spec import resolve_targets
 
@@ -279,8 +280,8 @@ def load_adapter_state_dict(table, state_dict: dict, name: str, where: str = "st
     given = _normalise_keys(table, name, state_dict)
     check_tensors(expected, given, where, f"adapter {name!r}", padded=hotswap)
     copy_tensors(expected, given)
-    if table.data_init.get(name) == "corda":  # trained factors: only the residual base is still to come
-        table.data_init[name] = "corda-residual"
+    if table.data_init.get(name) in RESIDUAL_DATA_INITS:  # trained factors: only the residual base is to come
+        table.data_init[name] += "-residual"
 
 
 def load_sub_adapters(table, method, name: str, sub_adapters: dict) -> None:

@@ -47,6 +47,7 @@ from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
 from .passes import GraphMethod, method_for
 from .passes.method import BASE_WEIGHT
+from .passes._lora_init import initialiser_for, rng_state
 from .passes.lora import DATA_INITS, LoRA, data_pass_missing
 from .passes.match import describe_layer, layer_kind, target_layers
 from .progress import status
@@ -225,6 +226,8 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
                 self._check_quantized(method, spec, layer)
         frozen = self.table.frozen
         device = frozen[next(iter(layers.values())).weight_fqn].device
+        found = initialiser_for(getattr(spec, "init", None))
+        rng = rng_state(device) if found is not None and found[0].rng else None  # before anything is drawn
         shared_tensors = method.init_shared(spec, list(layers.values()))
         shared = AdapterParams({k: v.to(device) for k, v in shared_tensors.items()},
                                method.buffers(spec)) if shared_tensors else None
@@ -252,8 +255,10 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             if key not in self.slots:
                 self.slots[key] = AdapterSlot(layer, self.state)
             self.slots[key].add(name, method, params.to(frozen[layer.weight_fqn].device), shared)
-        if getattr(spec, "init", None) in DATA_INITS:  # EVA / CorDA: placeholders until their data pass
+        if getattr(spec, "init", None) in DATA_INITS:  # EVA / CorDA / LoRA-GA: placeholders until their data pass
             self.table.data_init[name] = spec.init
+            if rng is not None:
+                self.table.data_init_rng[name] = rng
 
     def _set_residual_bases(self, name: str, bases: dict) -> None:
         """Weight FQN -> the residual base an init (PiSSA, OLoRA, CorDA) puts under adapter `name`: into our
@@ -310,6 +315,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         for w, original in self.table.base_originals.pop(name, {}).items():  # undo a residual init
             self.table.frozen[w].data = original
         self.table.data_init.pop(name, None)
+        self.table.data_init_rng.pop(name, None)
         del self.state.specs[name]
         self.state.active = tuple(n for n in self.state.active if n != name)
         self.invalidate_graphs()

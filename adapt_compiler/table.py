@@ -79,9 +79,13 @@ class AdapterTable:
     recompute: Recompute = field(default_factory=Recompute)  # activation checkpointing of training graphs
     # adapter name -> {weight FQN: the frozen data before its init swapped in a residual base (PiSSA, ...)}
     base_originals: dict = field(default_factory=dict)
-    # adapter name -> its pending data pass (data_init/): "eva" / "corda" (the factors come from the data),
-    # "corda-residual" (factors loaded from a checkpoint; the pass rebuilds the residual base they belong to)
+    # adapter name -> its pending data pass (data_init/): "eva" / "corda" / "lora_ga" (the factors come from the
+    # data), "corda-residual" / "lora_ga-residual" (factors loaded from a checkpoint; the pass rebuilds the
+    # residual base they belong to)
     data_init: dict = field(default_factory=dict)
+    # adapter name -> the generators' state when it was created, for a data pass that draws what PEFT draws at
+    # creation (LoRA-GA's randomized SVD; passes/_lora_init.rng_state)
+    data_init_rng: dict = field(default_factory=dict)
     pool: Any = None  # lowering.pool.AdapterPool: adapters served from preallocated slots, or None
     # FQN -> quant.QuantInfo of each quantized layer, read once at compile time; its operands are in `frozen`
     quant: dict = field(default_factory=dict)

@@ -186,7 +186,7 @@ API_CASES = [
     ("spec-bool-rank", lambda e: ac.LoRA(r=True), AdapterError, ["r=True"]),
     ("spec-bad-alpha", lambda e: ac.LoRA(alpha=0), AdapterError, ["alpha=0"]),
     ("spec-bad-dropout", lambda e: ac.LoRA(dropout=1.5), AdapterError, ["dropout=1.5", "[0, 1)"]),
-    ("spec-bad-init", lambda e: ac.LoRA(init="lora_ga"), AdapterError, ["init='lora_ga'", "preprocess_loraga"]),
+    ("spec-bad-init", lambda e: ac.LoRA(init="lora-ga"), AdapterError, ["init='lora-ga'", "'lora_ga'"]),
     ("spec-bad-order", lambda e: ac.LoRA(order="sideways"), AdapterError, ["order='sideways'"]),
     ("spec-empty-targets", lambda e: ac.LoRA(targets=[]), AdapterError, ["targets=[]"]),
     # compile

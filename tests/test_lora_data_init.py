@@ -201,28 +201,31 @@ def test_init_data_without_a_data_init_is_refused():
 
 
 def test_readme_data_driven_section(capsys):
-    """The README's EVA / CorDA block runs as written (tiny model, eager lowering) and does what it says."""
+    """The README's EVA / CorDA / LoRA-GA block runs as written (tiny model, eager lowering) and does what it
+    says (LoRA-GA's parity with PEFT: tests/test_lora_ga.py)."""
     import re
     from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = text.split("#### Data-driven initialisations", 1)[1].split("\n## ", 1)[0]
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert code.count("init_data=") == 2
+    assert code.count("init_data=") == 3
     code = re.sub(r"init_data=(\w+)\)", r'init_data=\1, lowering="eager")', code)
     model = tiny_llama(layers=1)
     before = copy.deepcopy(model.state_dict())
     scope = {"model": model, "batches": _eva_data(), "one_sample_batches": _corda_data()}
     exec(compile(code, "README data-driven inits", "exec"), scope)  # noqa: S102 - our own docs
-    m, c = scope["m"], scope["c"]
+    m, c, g = scope["m"], scope["c"], scope["g"]
     ranks = m.state.specs["default"].rank_pattern
     assert ranks and str(ranks) in capsys.readouterr().out
     w = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(c.table.frozen[w], model.get_parameter(w))  # the residual, in our copy
+    assert not torch.equal(g.table.frozen[w], model.get_parameter(w))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     batch = _test_batch()
     assert_close(logits_of(c(**batch)), logits_of(model(**batch)), what="CorDA starts at W")
     assert_close(logits_of(m(**batch)), logits_of(model(**batch)), what="EVA starts at W")
+    assert_close(logits_of(g(**batch)), logits_of(model(**batch)), what="LoRA-GA starts at W")
 
 
 def test_report_shows_the_residual_and_pending_passes():

@@ -31,10 +31,11 @@ class EagerGraph:
 
 
 class DataPass:
-    """The context of one pass: eval mode, no grad, no adapter active, hooks removed at the end."""
+    """The context of one pass: eval mode, no grad (`train=True`: train mode and grad, LoRA-GA's training
+    step), no adapter active, hooks removed at the end."""
 
-    def __init__(self, m, name: str):
-        self.m, self.name = m, name
+    def __init__(self, m, name: str, train: bool = False):
+        self.m, self.name, self.train = m, name, train
         self.handles = []
 
     def __enter__(self):
@@ -43,12 +44,12 @@ class DataPass:
             raise AdapterError("data pass: the module is merged; unmerge() first.")
         self.training, self.active = m.training, m.state.active
         self.grad = torch.is_grad_enabled()
-        m.eval()
+        m.train(self.train)
         # no adapter active: every slot computes the base layer (PEFT runs under disable_adapter(), or on the
         # model before get_peft_model), and still sees its input. A CorDA adapter loaded from a checkpoint
         # holds trained factors here, which must not shift the activations
         m.set_adapter(())
-        torch.set_grad_enabled(False)
+        torch.set_grad_enabled(self.train)
         return self
 
     def hook(self, fqn: str, fn) -> None:
@@ -65,6 +66,10 @@ class DataPass:
             fn(x)  # returns None: the layer's output is left as it is
 
         self.handles.append(slot.register_forward_hook(read))
+
+    def hook_output(self, fqn: str, fn) -> None:
+        """fn(out) on every call of layer `fqn`: the layer's output (its base layer's, no adapter being active)."""
+        self.handles.append(self.m.slots[slot_key(fqn)].register_forward_hook(lambda module, args, out: fn(out)))
 
     def __exit__(self, *exc):
         for h in self.handles:

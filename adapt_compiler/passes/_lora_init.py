@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +49,9 @@ class Initialiser:
     frozen: frozenset = frozenset()  # tensors that stay frozen (MiCA's lora_B): saved, never trained
     data: bool = False  # completed from the layers' inputs over the user's data (data_init/)
     pattern: str | None = None  # a regex for parametrised names, e.g. r"pissa_niter_(\d+)"
+    # its data pass draws random numbers that PEFT draws when it creates the adapter (LoRA-GA's SVD): the
+    # generators' state at creation is kept (table.data_init_rng) and the pass replays from it
+    rng: bool = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -64,6 +68,25 @@ def peft_sub_config(config: dict | None, field: str, defaults: dict, peft_class:
         raise AdapterError(f"LoRA: {field} has unknown keys {unknown}; PEFT's {peft_class} fields are "
                            f"{sorted(defaults)}.")
     return {**defaults, **config}
+
+
+def rng_state(device: torch.device) -> dict:
+    """The generators PEFT's init draws from: the CPU one (nn.Linear's init) and the weight's device's (the SVD)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = (device, torch.cuda.get_rng_state(device))
+    return state
+
+
+@contextmanager
+def replayed(state: dict):
+    """Run with the generators set to `state`, and give the caller's generators back afterwards."""
+    devices = [state["cuda"][0]] if "cuda" in state else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"][1], state["cuda"][0])
+        yield
 
 
 def register_init(init: Initialiser) -> None:

@@ -31,6 +31,7 @@ from ._lora_init import INITIALISERS, initialiser_for
 from ._lora_init_corda import corda_config_of
 from ._lora_init_eva import eva_config_of
 from ._lora_init_loftq import check_loftq_config, loftq_weights
+from ._lora_init_loraga import lora_ga_config_of
 from ._patterns import pattern_value
 from .method import BASE_WEIGHT, AdapterError, AdapterShapeError, Layer, WeightMethod, matmul_flops
 from .registry import register
@@ -45,7 +46,7 @@ class LoRA(AdapterSpec):
     rslora: bool = False
     use_dora: bool = False
     # True (kaiming A, zero B) | "gaussian" | False (B not zero) | an initialiser of passes/_lora_init*.py:
-    # "pissa", "pissa_niter_<k>", "olora", "mica", "eva", "corda" (PEFT's init_lora_weights values)
+    # "pissa", "pissa_niter_<k>", "olora", "mica", "eva", "corda", "lora_ga" (PEFT's init_lora_weights values)
     init: bool | str = True
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
@@ -58,9 +59,11 @@ class LoRA(AdapterSpec):
     use_bdlora: dict | None = None
     kasa_config: dict | None = None
     velora_config: dict | None = None
-    # init="eva" / "corda": PEFT's EvaConfig / CordaConfig fields (data_init/ runs their data passes)
+    # init="eva" / "corda" / "lora_ga": PEFT's EvaConfig / CordaConfig / LoraGAConfig fields (data_init/ runs
+    # their data passes)
     eva_config: dict | None = None
     corda_config: dict | None = None
+    lora_ga_config: dict | None = None
     loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
 
     def __post_init__(self):
@@ -71,13 +74,17 @@ class LoRA(AdapterSpec):
             raise AdapterError(f"LoRA: alpha={self.alpha!r} must be a positive number (PEFT's lora_alpha).")
         if self.init not in (True, False, "gaussian", "loftq") and initialiser_for(self.init) is None:
             known = ", ".join(repr(n) for n in sorted(INITIALISERS))
-            why = REFUSED_INITS.get(self.init, "")
-            raise AdapterError(f"LoRA: init={self.init!r} (PEFT's init_lora_weights) is not supported{why}; use True, "
+            raise AdapterError(f"LoRA: init={self.init!r} (PEFT's init_lora_weights) is not supported; use True, "
                                f"False, 'gaussian', 'loftq' or one of {known}.")
         if self.init == "eva":
             self.eva_config = eva_config_of(_as_dict(self.eva_config, "eva_config"))
         if self.init == "corda":
             self.corda_config = corda_config_of(_as_dict(self.corda_config, "corda_config"))
+        if self.init == "lora_ga":  # PEFT requires a LoraGAConfig; its defaults are filled in here
+            self.lora_ga_config = lora_ga_config_of(_as_dict(self.lora_ga_config, "lora_ga_config"))
+        elif self.lora_ga_config is not None:
+            raise AdapterError(f"LoRA: lora_ga_config is only read with init='lora_ga' (got init={self.init!r}); set "
+                               f"init='lora_ga' or drop it.")
         if self.init in DATA_INITS:
             combined = [n for n, on in (("use_dora", self.use_dora), ("target_parameters", self.target_parameters),
                                         ("trainable_token_indices", self.trainable_token_indices),
@@ -137,21 +144,30 @@ REFUSED = {
     "megatron_config": "Megatron's parallel linear layers are not captured by torch.export",
     "ensure_weight_tying": "tying the adapters of tied layers is not implemented (adapters on tied layers are "
                            "independent here; a tied weight keeps its adapter in its own module)",
-    "lora_ga_config": "LoRA-GA initialises from gradients collected by PEFT's preprocess_loraga",
-}
-REFUSED_INITS = {
-    "lora_ga": " (LoRA-GA needs the gradients PEFT's preprocess_loraga collects)",
 }
 # initialisations completed by a pass over the user's data (data_init/): until it runs, the adapter
 # holds placeholders, and calling the module says which function to run
 DATA_INITS = {
     "eva": "ac.initialize_eva(m, dataloader) (PEFT's initialize_lora_eva_weights)",
     "corda": "ac.preprocess_corda(m, data=batches) (PEFT's preprocess_corda)",
+    "lora_ga": "ac.preprocess_loraga(m, data=batches) or ac.preprocess_loraga(m, train_step=fn(model)) (PEFT's "
+               "preprocess_loraga)",
 }
+# the data inits that replace the base by a residual: a checkpoint's trained A, B belong to that residual, so
+# loading one leaves "<init>-residual" pending (checkpoint.load_adapter_state_dict)
+RESIDUAL_DATA_INITS = ("corda", "lora_ga")
 
 
 def data_pass_missing(name: str, pending: str) -> str:
     """The error for calling a module whose adapter still waits for its data pass."""
+    if pending == "lora_ga-residual":
+        return (f"adapter {name!r} was saved with init_lora_weights='lora_ga': its A, B belong to the residual base "
+                f"W - s*B0*A0 of LoRA-GA's gradient SVD over the training data, as in PEFT (which needs "
+                f"preprocess_loraga before from_pretrained; without it PEFT puts these A, B over the unchanged W). Run "
+                f"ac.preprocess_loraga(m, data=batches, adapter_name={name!r}) (or train_step=, or the cache_file of "
+                f"the first run) with the same data, the generator seeded before ac.compile as it was before the "
+                f"adapter was first made (the SVD is randomized), or pass init_data= to ac.compile. Or save the "
+                f"trained adapter with path_initial_model_for_weight_conversion: plain LoRA, no residual.")
     if pending == "corda-residual":
         return (f"adapter {name!r} was saved with init_lora_weights='corda': its A, B belong to the residual base "
                 f"W - s*B0*A0 of CorDA's decomposition over the calibration data, as in PEFT (which needs "
@@ -238,6 +254,10 @@ class LoRAMethod(WeightMethod):
                 raise AdapterShapeError(
                     f"{layer.fqn}: init={spec.init!r} (PEFT's init_lora_weights) does not support {what} ({peft_does}); "
                     f"exclude the layer from targets, or use init=True.")
+        if spec.init == "lora_ga" and layer.quant is not None:
+            raise AdapterShapeError(f"{layer.fqn}: init='lora_ga' over a quantized ({layer.quant.scheme}) layer is not "
+                                    f"supported: LoRA-GA needs full-precision gradients of W (PEFT raises too); use "
+                                    f"init=True or 'loftq', or exclude the layer from targets.")
         r = rank_of(spec, layer)
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterShapeError(f"{layer.fqn}: LoRA r={r!r} (from rank_pattern) must be a positive integer.")
@@ -543,6 +563,7 @@ class LoRAMethod(WeightMethod):
             "velora_config": spec.velora_config,
             "eva_config": spec.eva_config,
             "corda_config": spec.corda_config,
+            "lora_ga_config": spec.lora_ga_config,
         }
 
     def from_peft_config(self, config: dict) -> LoRA:
@@ -582,6 +603,8 @@ class LoRAMethod(WeightMethod):
             velora_config=config.get("velora_config"),
             eva_config=config.get("eva_config"),
             corda_config=config.get("corda_config"),
+            # PEFT reads lora_ga_config only for init "lora_ga"; a converted LoRA-GA directory keeps it with init True
+            lora_ga_config=config.get("lora_ga_config") if init == "lora_ga" else None,
         )
 
 
