@@ -151,3 +151,18 @@ def test_monteclora_through_trainer(tmp_path):
     with pytest.raises(ac.AdapterError, match="MontecloraTrainerMixin.*regularization_loss"):
         MixinTrainer(model=m, args=_trainer_args(tmp_path / "b"), train_dataset=lm_dataset(8),
                      processing_class=tokenizer()).train()
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_monteclora_directory_through_the_torch_compile_backend(tmp_path, merge):
+    """ac.backend(dir) serves inference, where MonteCLoRA is plain LoRA: the fused op or the merged weight
+    (checked on Dynamo's graph, without Inductor)."""
+    from test_backend import _dynamo_graph
+
+    base, batch = tiny_llama(layers=1), token_batch()
+    pm, _ = _pair(base)
+    pm.eval().save_pretrained(tmp_path)
+    gm, inputs, count = _dynamo_graph(base, batch, ac.backend(tmp_path, merge=merge).apply_spec)
+    assert count == len(TARGETS)
+    with torch.no_grad():
+        assert_close(gm(*inputs)[0], pm(**batch).logits, what=f"ac.backend(dir, merge={merge})")

@@ -515,9 +515,12 @@ class LoRAMethod(WeightMethod):
 
     # -- lowering hooks ----------------------------------------------------------------------
     def kernel_operands(self, spec, layer, p, training):
-        # the fused kernels compute base + s·(x Aᵀ)Bᵀ: Linear / Conv1D, no DoRA, no active dropout
-        if (layer.kind != "linear" or spec.use_dora or (training and spec.dropout) or layer.delta_factor != 1
-                or set(p) - {"lora_A", "lora_B"} or p["lora_A"].shape[-1] != layer.in_features
+        # the fused kernels compute base + s·(x Aᵀ)Bᵀ: Linear / Conv1D, no DoRA, no active dropout; MonteCLoRA
+        # is exactly that outside training (its sampler's tensors unused)
+        unused = set(_lora_monteclora.PEFT_KEYS) if spec.monteclora_config and not training else set()
+        if (layer.kind != "linear" or spec.use_dora or (training and (spec.dropout or spec.monteclora_config))
+                or layer.delta_factor != 1
+                or set(p) - {"lora_A", "lora_B"} - unused or p["lora_A"].shape[-1] != layer.in_features
                 or p["lora_B"].shape[-1] != p["lora_A"].shape[0]):
             return None  # the kernels compute plain x Aᵀ Bᵀ: no bias, diag, blocks or VeLoRA backward
         return p["lora_A"], p["lora_B"], scaling_of(spec, layer)
