@@ -32,11 +32,21 @@ def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8, input_shape=N
         kwargs["input_ids"] = torch.randint(0, min(vocab, 1000), (batch, seq), generator=g)
         if "attention_mask" in params:
             kwargs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
-    if "pixel_values" in params and ("input_ids" not in kwargs or _needs_pixels(model)):
+    image_tokens = _image_tokens(model, config) if "pixel_values" in params and "input_ids" in kwargs else None
+    if "pixel_values" in params and ("input_ids" not in kwargs or _needs_pixels(model) or image_tokens):
         vision = getattr(config, "vision_config", config)
         size = getattr(vision, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
         kwargs["pixel_values"] = torch.randn(batch, getattr(vision, "num_channels", 3), size, size, generator=g)
+    if image_tokens:
+        # one image per sample: its tokens after the first text token, so the vision tower runs in the capture
+        token, count = image_tokens
+        ids = kwargs["input_ids"]
+        ids = torch.where(ids == token, torch.full_like(ids, int(token == 0)), ids)  # text: never the image token
+        ids = torch.cat([ids[:, :1], torch.full((batch, count), token, dtype=ids.dtype), ids[:, 1:]], dim=1)
+        kwargs["input_ids"] = ids
+        if "attention_mask" in kwargs:
+            kwargs["attention_mask"] = torch.ones_like(ids)
     if kwargs:
         if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kwargs["decoder_input_ids"] = torch.ones(batch, max(seq // 2, 1), dtype=torch.long)
@@ -58,6 +68,25 @@ def _needs_pixels(model: nn.Module) -> bool:
     """Dual encoders (CLIP-like: a text and a vision tower and no language head) need both inputs."""
     names = {n.split(".")[0] for n, _ in model.named_children()}
     return {"text_model", "vision_model"} <= names
+
+
+def _image_tokens(model: nn.Module, config) -> tuple[int, int] | None:
+    """(image token id, positions one image fills in input_ids) for a Llava-style model: a vision tower
+    whose patch features (less the class token with vision_feature_select_strategy="default") replace the
+    image tokens one for one; None for other models, and for layouts with tiling (image_grid_pinpoints),
+    whose count depends on each image's size."""
+    vision = getattr(config, "vision_config", None)
+    token = getattr(config, "image_token_index", getattr(config, "image_token_id", None))
+    strategy = getattr(config, "vision_feature_select_strategy", None)
+    if vision is None or not isinstance(token, int) or strategy not in ("default", "full") or \
+            getattr(config, "image_grid_pinpoints", None):
+        return None
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int):
+        return None
+    tower = [m for n, m in model.named_modules() if n.endswith("vision_tower")]
+    cls = int(any(hasattr(m, "class_embedding") for t in tower[:1] for m in t.modules()))  # CLIP's; SigLIP has none
+    return token, (size // patch) ** 2 + cls - (strategy == "default")
 
 
 def _embedding_rows(model: nn.Module) -> int | None:

@@ -462,9 +462,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         if self.table.pool is not None:  # each sample's pool slot: data, so nothing recompiles
             self.state.pool_index = pool_indices(self.table.pool, self._pool_active, adapter_names, args, kwargs)
         for name in self.state.active:
-            method = method_for(self.state.specs[name])
-            if isinstance(method, GraphMethod):
-                method.before_call(self.table, name, self.training)
+            method_for(self.state.specs[name]).before_call(self.table, name, self.training)
         try:
             return self._lowered(entry, variant)(*args, **kwargs)
         finally:

@@ -6,7 +6,8 @@ Each row compiles (eager lowering), trains one step, and equals PEFT on the same
 ours saved -> PeftModel.from_pretrained gives our outputs and our adapter gradients; and where PEFT
 has its own default for the model type, PEFT's get_peft_model adapts exactly the layers we adapt and
 its saved directory loads here with its outputs. Where PEFT has no default (CLIP, Whisper, Llava,
-Phi3, ViT, ...), ours still picks each attention's query and value projections from the graph.
+Phi3, ViT, ...), ours still picks each attention's query and value projections from the graph (Llava:
+in both towers, since the example input built from its config carries an image).
 One row runs through the default (inductor) lowering.
 """
 
@@ -45,12 +46,12 @@ def _pixels(size=16, channels=3, seed=3):
     return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _llava():
-    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=16, patch_size=8, projection_dim=32)
+def _llava(strategy="default", vision=None):
+    vision = vision or tf.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8, projection_dim=32)
     text = tf.LlamaConfig(**_DEC)
     cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=95, vision_feature_layer=-1,
-                         vision_feature_select_strategy="default", projector_hidden_act="gelu", use_cache=False)
+                         vision_feature_select_strategy=strategy, projector_hidden_act="gelu", use_cache=False)
     return tf.LlavaForConditionalGeneration(cfg)
 
 
@@ -147,8 +148,9 @@ def _ours_adapted(m) -> set[str]:
     return {s.layer.fqn for s in m.table.slots.values()}
 
 
-# the rows run by default (about 15 s each on 2 busy cores); the other 17 are marked slow (`-m slow`, ~10 min)
-FAST = {"falcon", "t5", "vit", "mixtral", "whisper"}  # Falcon: the x @ W.T + b regression
+# the rows run by default (about 15 s each on 2 busy cores); the other 16 are marked slow (`-m slow`, ~10 min)
+# Falcon: the x @ W.T + b regression; Llava: the vision tower runs in the default-target capture
+FAST = {"falcon", "t5", "vit", "mixtral", "whisper", "llava"}
 
 
 @pytest.fixture(scope="module", params=[a if a in FAST else pytest.param(a, marks=pytest.mark.slow)
@@ -190,6 +192,11 @@ def test_lora_on_architecture(arch, targets, tmp_path):
         picked = {f.rsplit(".", 1)[-1] for f in _ours_adapted(m)}  # each attention's query and value projections
         assert picked in ({"q_proj", "v_proj"}, {"query", "value"}, {"q", "v"}, {"qkv_proj"}, {"query_key_value"},
                           {"q_lin", "v_lin"}), picked
+        if name == "llava":  # both towers: the example input built from the config carries an image
+            assert {f.split(".layers.")[0] for f in _ours_adapted(m)} == {"model.vision_tower.encoder",
+                                                                         "model.language_model"}
+            with pytest.raises(ValueError, match="target_modules"):  # PEFT itself has no default for llava
+                peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8))
     else:
         peft_targets = targets
         if targets is None and name == "mixtral":  # PEFT 0.21.2 raises NoMatchingPeftModuleError on its own
@@ -225,3 +232,20 @@ def test_default_lowering_row():
     for (k, p), (k2, q) in zip(sorted(m.named_parameters()), sorted(eager.named_parameters())):
         if p.requires_grad:
             assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, what=f"grad {k}")
+
+
+@pytest.mark.parametrize("strategy, tower", [("default", "clip"), ("full", "clip"), ("full", "siglip")])
+def test_llava_example_input_fills_the_image_tokens(strategy, tower):
+    """The config-built example input of a Llava model holds exactly as many image tokens as the vision
+    tower yields features (with or without a class token), so the model runs on it and the capture
+    for default targets sees the vision tower."""
+    from adapt_compiler.example_inputs import example_inputs
+
+    vision = None if tower == "clip" else tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    base = _llava(strategy, vision).eval()
+    _, kw = example_inputs(base)
+    per_image = 4 + (tower == "clip") - (strategy == "default")
+    assert (kw["input_ids"] == 95).sum(1).tolist() == [per_image] * kw["pixel_values"].shape[0]
+    with torch.no_grad():
+        base(**kw)  # transformers checks that image features and image tokens match

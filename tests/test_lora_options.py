@@ -77,7 +77,6 @@ def test_target_parameters_on_moe_experts(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("monteclora_config", {"monteclora_n": 8}, ["monteclora_config is not supported", "sampler"]),
     ("use_qalora", True, ["use_qalora is not supported"]),
     ("layer_replication", [[0, 1]], ["layer_replication is not supported"]),
     ("init_lora_weights", "loftq", ["init='loftq'", "quantized"]),

@@ -47,7 +47,22 @@ def check_driving_trainer(adapted) -> None:
     if trainer is None or trainer in _CHECKED:
         return
     check_trainer_args(trainer.args, adapted)
+    check_trainer_class(trainer, adapted)
     _CHECKED.add(trainer)
+
+
+def check_trainer_class(trainer, adapted) -> None:
+    """PEFT's MontecloraTrainerMixin adds the variational loss of the PEFT LoraModels it finds in the model;
+    an AdaptedModule has none, so the mixin would add 0 without a word: refused, with the one-line fix."""
+    mixin = getattr(sys.modules.get("peft.helpers"), "MontecloraTrainerMixin", None)
+    if mixin is None or not isinstance(trainer, mixin):
+        return
+    if any(getattr(adapted.state.specs[n], "monteclora_config", None) for n in adapted.state.active):
+        raise AdapterError(
+            f"{type(trainer).__name__} uses PEFT's MontecloraTrainerMixin, which looks for PEFT's LoraModel inside "
+            f"the model; an AdaptedModule has none, so the MonteCLoRA variational loss would silently be 0. Drop the "
+            f"mixin and override compute_loss to add model.regularization_loss() (PEFT's _get_monteclora_loss) to "
+            f"the task loss.")
 
 
 def check_trainer_args(args, adapted) -> None:

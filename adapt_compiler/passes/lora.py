@@ -9,8 +9,8 @@ nn.MultiheadAttention: its in_proj and out_proj (passes/match.py `describe_layer
 
 PEFT's LoRA options, each honoured or refused by name (`from_peft_config`, `LoRA.__post_init__`):
 lora_bias (a trainable bias on B: s·(x Aᵀ Bᵀ + b_B)), target_parameters and trainable_token_indices
-(passes/_lora_params.py), use_bdlora / kasa_config / velora_config (passes/_lora_variants.py), the
-initialisations (passes/_lora_init*.py). Out of scope, refused with the reason: see REFUSED below.
+(passes/_lora_params.py), use_bdlora / kasa_config / velora_config (passes/_lora_variants.py),
+monteclora_config (passes/_lora_monteclora.py), the initialisations (passes/_lora_init*.py). Out of scope, refused with the reason: see REFUSED below.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from ..default_targets import moe_conversion
 from ..spec import AdapterSpec, check_positive, check_probability
-from . import _lora_params, _lora_variants
+from . import _lora_monteclora, _lora_params, _lora_variants
 from ._lora_init import INITIALISERS, initialiser_for
 from ._lora_init_corda import corda_config_of
 from ._lora_init_eva import eva_config_of
@@ -55,10 +55,11 @@ class LoRA(AdapterSpec):
     target_parameters: list[str] | None = None
     # embedding rows trained as themselves: [ids] (the input embedding) or {"embed_tokens": [ids]}
     trainable_token_indices: list[int] | dict | None = None
-    # PEFT's variant configs, as dicts of their fields (BdLoraConfig, KasaConfig, VeloraConfig)
+    # PEFT's variant configs, as dicts of their fields (BdLoraConfig, KasaConfig, VeloraConfig, MontecloraConfig)
     use_bdlora: dict | None = None
     kasa_config: dict | None = None
     velora_config: dict | None = None
+    monteclora_config: dict | None = None
     # init="eva" / "corda" / "lora_ga": PEFT's EvaConfig / CordaConfig / LoraGAConfig fields (data_init/ runs
     # their data passes)
     eva_config: dict | None = None
@@ -89,7 +90,8 @@ class LoRA(AdapterSpec):
             combined = [n for n, on in (("use_dora", self.use_dora), ("target_parameters", self.target_parameters),
                                         ("trainable_token_indices", self.trainable_token_indices),
                                         ("use_bdlora", self.use_bdlora), ("kasa_config", self.kasa_config),
-                                        ("velora_config", self.velora_config)) if on]
+                                        ("velora_config", self.velora_config),
+                                        ("monteclora_config", self.monteclora_config)) if on]
             if combined:
                 raise AdapterError(f"LoRA: init={self.init!r} with {combined[0]} is not supported: the data pass "
                                    f"initialises plain Linear LoRA factors; drop {combined[0]} or use init=True.")
@@ -97,13 +99,16 @@ class LoRA(AdapterSpec):
             check_loftq_config(self.loftq_config)
         elif self.loftq_config:
             raise AdapterError("LoRA: loftq_config is only read with init='loftq'; set init='loftq' or drop it.")
-        for name in ("use_bdlora", "kasa_config", "velora_config", "eva_config", "corda_config"):
+        for name in ("use_bdlora", "kasa_config", "velora_config", "monteclora_config", "eva_config", "corda_config"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _as_dict(value, name))
+        if self.monteclora_config is not None:
+            self.monteclora_config = _lora_monteclora.config_of(self.monteclora_config)
         variants = [n for n, on in (("use_dora", self.use_dora), ("init='mica'", self.init == "mica"),
                                     ("use_bdlora", self.use_bdlora), ("kasa_config", self.kasa_config),
-                                    ("velora_config", self.velora_config)) if on]
+                                    ("velora_config", self.velora_config),
+                                    ("monteclora_config", self.monteclora_config)) if on]
         if len(variants) > 1:
             raise AdapterError(f"LoRA: {' and '.join(variants)} cannot be combined (PEFT allows one LoRA variant per "
                                f"layer); pick one.")
@@ -137,8 +142,6 @@ REFUSED = {
     "alora_invocation_tokens": "aLoRA switches the adapter on per token after the invocation tokens, which needs "
                                "the input ids inside every layer",
     "arrow_config": "Arrow routes between several LoRA experts per token (a mixture, not one adapter); use X-LoRA",
-    "monteclora_config": "MonteCLoRA draws its noise from a Python-side buffered sampler that changes module state on "
-                         "every training call, which a captured graph cannot reproduce",
     "use_qalora": "QALoRA belongs to GPTQ-quantized bases (quantized bases are another issue's work)",
     "layer_replication": "it rebuilds the model's layer stack, and the compiler never modifies the user's model",
     "megatron_config": "Megatron's parallel linear layers are not captured by torch.export",
@@ -276,9 +279,11 @@ class LoRAMethod(WeightMethod):
             )
 
     def _check_variants(self, spec: LoRA, layer: Layer) -> None:
-        """PEFT runs BD-LoRA, KaSA, VeLoRA (and MiCA) on Linear layers only, lora_bias on Linear and convs."""
+        """PEFT runs BD-LoRA, KaSA, VeLoRA, MonteCLoRA (and MiCA) on Linear layers only, lora_bias on Linear
+        and convs."""
         linear_only = [n for n, on in (("use_bdlora", spec.use_bdlora), ("kasa_config", spec.kasa_config),
-                                       ("velora_config", spec.velora_config)) if on]
+                                       ("velora_config", spec.velora_config),
+                                       ("monteclora_config", spec.monteclora_config)) if on]
         if linear_only and (layer.kind != "linear" or layer.weight_only):
             raise AdapterShapeError(f"{layer.fqn}: {linear_only[0]} works on Linear layers only (PEFT's variant is "
                                     f"Linear-only); this is a {layer.kind}. Exclude it from `targets`.")
@@ -306,6 +311,8 @@ class LoRAMethod(WeightMethod):
             params["lora_diag"] = torch.randn(r, dtype=dt)
         if spec.velora_config:
             params.update(_lora_variants.velora_init(layer, spec.velora_config, dt))
+        if spec.monteclora_config:
+            params.update(_lora_monteclora.init(layer.in_features, r, spec.monteclora_config, dt))
         if spec.lora_bias:
             params["lora_bias"] = torch.zeros(layer.out_features, dtype=dt)
             if spec.init is False:  # PEFT: lora_B keeps nn.Linear's / nn.Conv's default bias init
@@ -362,13 +369,23 @@ class LoRAMethod(WeightMethod):
     def buffers(self, spec: LoRA) -> frozenset[str]:
         found = initialiser_for(spec.init)
         velora = {"lora_velora_embed", "lora_velora_initialized"} if spec.velora_config else set()
-        return self.buffer_names | (found[0].frozen if found else frozenset()) | velora
+        monteclora = _lora_monteclora.BUFFERS if spec.monteclora_config else set()
+        return self.buffer_names | (found[0].frozen if found else frozenset()) | velora | monteclora
 
     def regularization_loss(self, spec: LoRA, slots):
-        """KaSA's auxiliary loss (PEFT: LoraModel._get_kasa_loss); add it to the task loss."""
+        """KaSA's auxiliary loss (PEFT: LoraModel._get_kasa_loss), MonteCLoRA's variational loss (PEFT:
+        _get_monteclora_loss, of the latest call's samples); add it to the task loss."""
+        if spec.monteclora_config:
+            return _lora_monteclora.variational_loss(spec.monteclora_config, [p for _, p in slots])
         if not spec.kasa_config:
             return None
         return _lora_variants.kasa_loss(spec, [(layer, p) for layer, p in slots if "lora_diag" in p])
+
+    def before_call(self, table, name: str, training: bool) -> None:
+        """MonteCLoRA: each layer's noise sample for this call, from its Python-side sampler."""
+        spec = table.specs[name]
+        if spec.monteclora_config:
+            _lora_monteclora.before_call(table, name, spec, training)
 
     # -- the low-rank product ------------------------------------------------------------
     def _dense_factors(self, layer: Layer, p):
@@ -437,6 +454,8 @@ class LoRAMethod(WeightMethod):
         a = p["lora_A"]
         if a.shape[-1] != x.shape[-1]:  # BD-LoRA: block-diagonal A
             return _lora_variants.block_diag_apply(x, a, x.shape[-1] // a.shape[-1])
+        if spec.monteclora_config and training:  # A perturbed by this call's sample
+            return F.linear(x, _lora_monteclora.perturbed_a(p, spec.monteclora_config))
         cfg = spec.velora_config
         if cfg and training and torch.is_grad_enabled():
             embed = _lora_variants.velora_embed(p, x, cfg)
@@ -496,7 +515,8 @@ class LoRAMethod(WeightMethod):
         return merged * scale.view(-1, 1), bias
 
     def weight_side_ok(self, spec, training):
-        return not (training and spec.dropout)  # (a weight-only layer would allow it; the plan stays simple)
+        # MonteCLoRA trains a per-call A' that delta_weight (the merge's B·A) does not see
+        return not (training and (spec.dropout or spec.monteclora_config))  # (a weight-only layer would allow it; the plan stays simple)
 
     def cost(self, spec, layer, tokens):
         r = rank_of(spec, layer)
@@ -515,9 +535,12 @@ class LoRAMethod(WeightMethod):
 
     # -- lowering hooks ----------------------------------------------------------------------
     def kernel_operands(self, spec, layer, p, training):
-        # the fused kernels compute base + s·(x Aᵀ)Bᵀ: Linear / Conv1D, no DoRA, no active dropout
-        if (layer.kind != "linear" or spec.use_dora or (training and spec.dropout) or layer.delta_factor != 1
-                or set(p) - {"lora_A", "lora_B"} or p["lora_A"].shape[-1] != layer.in_features
+        # the fused kernels compute base + s·(x Aᵀ)Bᵀ: Linear / Conv1D, no DoRA, no active dropout; MonteCLoRA
+        # is exactly that outside training (its sampler's tensors unused)
+        unused = set(_lora_monteclora.PEFT_KEYS) if spec.monteclora_config and not training else set()
+        if (layer.kind != "linear" or spec.use_dora or (training and (spec.dropout or spec.monteclora_config))
+                or layer.delta_factor != 1
+                or set(p) - {"lora_A", "lora_B"} - unused or p["lora_A"].shape[-1] != layer.in_features
                 or p["lora_B"].shape[-1] != p["lora_A"].shape[0]):
             return None  # the kernels compute plain x Aᵀ Bᵀ: no bias, diag, blocks or VeLoRA backward
         return p["lora_A"], p["lora_B"], scaling_of(spec, layer)
@@ -538,6 +561,8 @@ class LoRAMethod(WeightMethod):
             return "lora_B.bias"
         if param_name == "lora_velora_initialized":
             return None  # state of this process (PEFT keeps it as a Python flag)
+        if param_name in _lora_monteclora.PEFT_KEYS:
+            return _lora_monteclora.PEFT_KEYS[param_name]
         if layer.kind == "embedding":
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}.get(param_name, param_name)
         return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}.get(param_name, param_name)
@@ -561,6 +586,7 @@ class LoRAMethod(WeightMethod):
             "use_bdlora": spec.use_bdlora,
             "kasa_config": spec.kasa_config,
             "velora_config": spec.velora_config,
+            "monteclora_config": spec.monteclora_config,
             "eva_config": spec.eva_config,
             "corda_config": spec.corda_config,
             "lora_ga_config": spec.lora_ga_config,
@@ -601,6 +627,7 @@ class LoRAMethod(WeightMethod):
             use_bdlora=config.get("use_bdlora"),
             kasa_config=config.get("kasa_config"),
             velora_config=config.get("velora_config"),
+            monteclora_config=config.get("monteclora_config"),
             eva_config=config.get("eva_config"),
             corda_config=config.get("corda_config"),
             # PEFT reads lora_ga_config only for init "lora_ga"; a converted LoRA-GA directory keeps it with init True

@@ -294,6 +294,10 @@ class WeightMethod:
         return spec
 
     # -- optional hooks ---------------------------------------------------------------------
+    def before_call(self, table, name: str, training: bool) -> None:
+        """Run before each eager call of the AdaptedModule, outside any compiled graph, with adapter `name`
+        active (MonteCLoRA hands each layer its noise sample here). Default: nothing."""
+
     def regularization_loss(self, spec, slots: list[tuple[Layer, Mapping[str, torch.Tensor]]]):
         """A loss term the user adds (AdaLoRA, HRA orthogonality). None if the method has none."""
         return None
