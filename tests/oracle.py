@@ -185,3 +185,21 @@ def check_full_parity(base, batch, peft_cfg, spec, tmp_path, *, keys, merge=True
             merged = copy.deepcopy(pm).merge_and_unload()
             assert_close(logits_of(call_model(merged, batch)), logits_of(want), what="PEFT merge_and_unload")
     return m
+
+
+def train_then_save_converted(pm, m, batch, tmp_path):
+    """A residual init (PiSSA, LoRA-GA, ...) on both sides: save the initial adapters (`<tmp>/peft_init`,
+    `<tmp>/ours_init`), take one SGD step each, and save the trained adapters converted to plain LoRA over the
+    original weights (`<tmp>/peft`, `<tmp>/ours`, save_pretrained's path_initial_model_for_weight_conversion).
+    Returns our trained logits, which every converted directory must reproduce."""
+    pm.save_pretrained(tmp_path / "peft_init")
+    m.save_pretrained(tmp_path / "ours_init")
+    for model, params in ((pm, [p for p in pm.parameters() if p.requires_grad]), (m, m.adapter_parameters())):
+        model.train()
+        square_loss(call_model(model, batch)).backward()
+        torch.optim.SGD(params, lr=0.5).step()
+        model.eval()
+    want = logits_of(call_model(m, batch))
+    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
+    m.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
+    return want

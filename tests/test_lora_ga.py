@@ -15,7 +15,7 @@ from peft.tuners.lora.loraga import preprocess_loraga as peft_preprocess_loraga
 
 import adapt_compiler as ac
 from models import tiny_gpt2, tiny_llama
-from oracle import assert_close, call_model, logits_of, square_loss, step_both_and_compare
+from oracle import assert_close, call_model, logits_of, step_both_and_compare, train_then_save_converted
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 SEED = 11  # seeded before get_peft_model / PeftModel.from_pretrained, and before our ac.compile
@@ -200,16 +200,7 @@ def test_lora_ga_weight_conversion_matches_peft(tmp_path):
     lcfg = dict(direction="ArB2r", scale="stable", stable_gamma=16)
     pm = _peft_lora_ga(base, _peft_config(TARGETS, lcfg), data)
     m = _ours(base, ac.LoRA(r=4, alpha=8, targets=TARGETS, init="lora_ga", lora_ga_config=lcfg), data)
-    pm.save_pretrained(tmp_path / "peft_init")
-    m.save_pretrained(tmp_path / "ours_init")
-    for model, params in ((pm, [p for p in pm.parameters() if p.requires_grad]), (m, m.adapter_parameters())):
-        model.train()
-        square_loss(call_model(model, batch)).backward()
-        torch.optim.SGD(params, lr=0.5).step()
-        model.eval()
-    want = logits_of(call_model(m, batch))
-    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
-    m.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
+    want = train_then_save_converted(pm, m, batch, tmp_path)
     for d in ("peft", "ours"):
         config = json.loads((tmp_path / d / "adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True), d

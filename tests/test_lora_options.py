@@ -133,22 +133,13 @@ def test_weight_conversion_to_plain_lora_matches_peft(tmp_path):
     untouched base model, in PEFT and here, with the trained outputs."""
     from safetensors.torch import load_file
 
-    from oracle import assert_close, call_model, logits_of, square_loss
+    from oracle import assert_close, call_model, logits_of, train_then_save_converted
 
     base, batch = tiny_llama(layers=1), token_batch()
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV,
                                                                    init_lora_weights="pissa"))
     m = ac.compile(base, ac.LoRA(r=4, alpha=8, targets=QV, init="pissa"), lowering="eager")
-    pm.save_pretrained(tmp_path / "peft_init")
-    m.save_pretrained(tmp_path / "ours_init")
-    for model, params in ((pm, [p for p in pm.parameters() if p.requires_grad]), (m, m.adapter_parameters())):
-        model.train()
-        square_loss(call_model(model, batch)).backward()
-        torch.optim.SGD(params, lr=0.5).step()
-        model.eval()
-    want = logits_of(call_model(m, batch))
-    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft_init"))
-    m.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=str(tmp_path / "ours_init"))
+    want = train_then_save_converted(pm, m, batch, tmp_path)
     for name in ("adapter_config.json",):
         theirs, ours = (json.loads((tmp_path / d / name).read_text()) for d in ("peft", "ours"))
         assert (ours["r"], ours["lora_alpha"], ours["init_lora_weights"]) == (8, 16, True)

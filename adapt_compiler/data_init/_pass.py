@@ -116,6 +116,20 @@ def call(forward_fn, runner, inputs):
     return runner(*inputs) if isinstance(inputs, (tuple, list)) else runner(inputs)
 
 
+def install_residual_init(m, adapter_name: str, made: dict, bases: dict, *, factors: bool) -> None:
+    """Completes a residual data init (CorDA, LoRA-GA): writes each layer's A, B (``made[fqn].a``/``.b``) unless
+    a loaded checkpoint already holds the trained ones (``factors=False``), swaps in the residual bases, and
+    marks the adapter's data pass as done."""
+    with torch.no_grad():
+        if factors:
+            for fqn, got in made.items():
+                params = m.slots[slot_key(fqn)].adapters[adapter_name]
+                params.lora_A.copy_(got.a.to(params.lora_A.dtype))
+                params.lora_B.copy_(got.b.to(params.lora_B.dtype))
+    m._set_residual_bases(adapter_name, bases)
+    m.table.data_init.pop(adapter_name, None)
+
+
 def check_not_distributed(gather: bool, what: str) -> None:
     if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
         raise AdapterError(f"{what}: gathering layer inputs across ranks (gather_distributed_inputs=True under "

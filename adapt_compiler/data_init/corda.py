@@ -9,10 +9,10 @@ import inspect
 import torch
 
 from ..errors import AdapterError
-from ..names import slot_key
 from ..passes._lora_init_corda import corda_config_of, corda_factors, crop, eigens, sample_covariance
 from ..passes.lora import rank_of, scaling_of
-from ._pass import DataPass, EagerGraph, adapter_spec, call, device_of, existing, layers_of, save_atomic, to_device
+from ._pass import (DataPass, EagerGraph, adapter_spec, call, device_of, existing, install_residual_init, layers_of,
+                    save_atomic, to_device)
 
 
 def preprocess_corda(m, run_model=None, data=None, forward_fn=None, adapter_name: str = "default"):
@@ -58,14 +58,7 @@ def preprocess_corda(m, run_model=None, data=None, forward_fn=None, adapter_name
         got = corda_factors(weight(layer), eig[layer.fqn], scaling_of(spec, layer), layer.fqn)
         bases[layer.weight_fqn] = (got.base.t() if layer.transposed else got.base).contiguous()
         made[layer.fqn] = got
-    with torch.no_grad():
-        if not residual_only:
-            for fqn, got in made.items():
-                params = m.slots[slot_key(fqn)].adapters[adapter_name]
-                params.lora_A.copy_(got.a.to(params.lora_A.dtype))
-                params.lora_B.copy_(got.b.to(params.lora_B.dtype))
-    m._set_residual_bases(adapter_name, bases)
-    m.table.data_init.pop(adapter_name, None)
+    install_residual_init(m, adapter_name, made, bases, factors=not residual_only)
     return m
 
 

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import AdapterError
-from ..names import slot_key
 from ..passes._lora_init import replayed
 from ..passes._lora_init_loraga import lora_ga_config_of, loraga_factors, peft_linear_draws
 from ..passes.lora import _as_dict, rank_of, scaling_of
-from ._pass import DataPass, EagerGraph, adapter_spec, call, device_of, existing, layers_of, save_atomic, to_device
+from ._pass import (DataPass, EagerGraph, adapter_spec, call, device_of, existing, install_residual_init, layers_of,
+                    save_atomic, to_device)
 
 
 def preprocess_loraga(m, lora_config=None, train_step=None, cache_file=None, *, data=None, forward_fn=None,
@@ -72,14 +72,7 @@ def preprocess_loraga(m, lora_config=None, train_step=None, cache_file=None, *, 
                                  scaling_of(spec, layer), spec.lora_ga_config, layer.fqn)
             bases[layer.weight_fqn] = (got.base.t() if layer.transposed else got.base).contiguous()
             made[layer.fqn] = got
-    with torch.no_grad():
-        if pending != "lora_ga-residual":
-            for fqn, got in made.items():
-                params = m.slots[slot_key(fqn)].adapters[adapter_name]
-                params.lora_A.copy_(got.a.to(params.lora_A.dtype))
-                params.lora_B.copy_(got.b.to(params.lora_B.dtype))
-    m._set_residual_bases(adapter_name, bases)
-    m.table.data_init.pop(adapter_name, None)
+    install_residual_init(m, adapter_name, made, bases, factors=pending != "lora_ga-residual")
     m.table.data_init_rng.pop(adapter_name, None)
     return m
 
