@@ -23,7 +23,8 @@ they do not, a `CompilerMismatchWarning` names the graph, the tensors that diffe
 the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
 does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
 training) per new graph, and in training one more forward of the chosen lowering (`_run`);
-`ac.compile(..., verify=False)` turns it off.
+`ac.compile(..., verify=False)` turns it off. After each checked first call, the memory the compile and the
+check freed is handed back to the system (`return_freed_memory`: a full collection and glibc's malloc_trim).
 
 A warm start (compile_cache.py) may skip the eager reference: `reuse` holds the verdicts saved with a
 compile cache whose key matched this module (torch, adapt_compiler's code, spec, options, model,
