@@ -3,6 +3,7 @@
     python -m benchmarks.memory_budget                  # the issue's size: hidden 256, 8 layers, batch 8 x 512
     python -m benchmarks.memory_budget --small          # a quick check of the script (hidden 64, 2 layers, 2 x 64)
     python -m benchmarks.memory_budget --points ours,peft_ckpt --steps 5
+    python -m benchmarks.memory_budget --as-is ...      # glibc's defaults, no trim: what a user's process holds
 
 Every point runs in a fresh process (`--point NAME` runs one and prints a JSON line), because peak
 RSS is a per-process high-water mark. A point builds the model, warms up (capture, compile and the
@@ -17,6 +18,10 @@ with a fixed mmap threshold (point_env), so a freed tensor leaves RSS at once. R
   step_extra_mb  step_peak_mb - rss_before_mb: the step's own memory (activations kept for the
                  backward, gradients, transients), the number checkpointing and budgets act on
   lifetime_peak_mb  ru_maxrss of the whole process (includes capture/compile transients)
+  held             what rss_before_mb is made of (`held_breakdown`): Python objects, the part of
+                   Python's allocator arenas that holds none (fragmentation: an arena is returned
+                   only when all of it is free), glibc malloc in use (C/C++ objects, tensors),
+                   file-backed pages (shared libraries, compiled kernels), modules imported
   step_ms        median step time
 
 Points: PEFT eager without and with HF gradient checkpointing (use_reentrant=False); ours
@@ -87,15 +92,17 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _reset_peak() -> bool:
+def _reset_peak(trim: bool = True) -> bool:
     """Free the warmup's garbage (Dynamo's and AOTAutograd's compile-time objects sit in reference
     cycles until a full collection), return freed memory to the system (malloc_trim), then start a
-    new high-water mark."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    new high-water mark. `trim=False` (--as-is): only the last, so RSS is what the process holds by
+    itself (what the library and glibc's defaults leave), as in a user's process."""
+    if trim:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -104,7 +111,48 @@ def _reset_peak() -> bool:
         return False
 
 
-def run_point(point: str, steps: int, warmup: int, small: bool) -> dict:
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _pymalloc_mb() -> tuple[float, float]:
+    """(MB in live Python objects, MB of Python's arenas that hold none) from sys._debugmallocstats,
+    which writes to the C stderr."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as tmp:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(tmp.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        stats = {k.strip().lstrip("#").strip(): int(v.strip().replace(",", ""))
+                 for k, _, v in (ln.rpartition("=") for ln in tmp) if v.strip().replace(",", "").isdigit()}
+    arenas = stats.get("arenas allocated current", 0) * (1 << 20)  # 1 MiB arenas (CPython 3.10+)
+    live = stats.get("bytes in allocated blocks", 0)
+    return round(live / 2**20, 1), round((arenas - live) / 2**20, 1)
+
+
+def held_breakdown() -> dict:
+    """What the process holds, by kind (MB; glibc and CPython >= 3.10 only, else {})."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return {}
+    python, python_free = _pymalloc_mb()
+    return {"python_objects_mb": python, "python_arenas_unused_mb": python_free,
+            "malloc_in_use_mb": round((info.uordblks + info.hblkhd) / 2**20, 1),
+            "file_mb": round(_rss_mb("RssFile"), 1), "modules": len(sys.modules)}
+
+
+def run_point(point: str, steps: int, warmup: int, small: bool, trim: bool = True) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model, batch = model_and_batch(small)
     module, params = build(point, model)
@@ -121,8 +169,9 @@ def run_point(point: str, steps: int, warmup: int, small: bool) -> dict:
     for _ in range(warmup):
         step()
     warm_s = time.perf_counter() - t0
-    reset = _reset_peak()
+    reset = _reset_peak(trim)
     before = _rss_mb("VmRSS")
+    held = held_breakdown()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -133,7 +182,7 @@ def run_point(point: str, steps: int, warmup: int, small: bool) -> dict:
         "rss_before_mb": round(before, 1),
         "step_extra_mb": round(_rss_mb("VmHWM") - before, 1) if reset else None,
         "lifetime_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "step_ms": round(1000 * statistics.median(times), 1), "warmup_s": round(warm_s, 1),
+        "step_ms": round(1000 * statistics.median(times), 1), "warmup_s": round(warm_s, 1), "held": held,
     }
 
 
@@ -154,15 +203,18 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--as-is", action="store_true",
+                        help="glibc's default malloc settings and no collection or trim before the timed steps: "
+                             "what a user's process holds (freed memory that glibc keeps included)")
     args = parser.parse_args(argv)
     if args.point:
-        print(json.dumps(run_point(args.point, args.steps, args.warmup, args.small)))
+        print(json.dumps(run_point(args.point, args.steps, args.warmup, args.small, trim=not args.as_is)))
         return 0
     rows = []
     for point in args.points.split(","):
         cmd = [sys.executable, "-m", "benchmarks.memory_budget", "--point", point, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
-        done = subprocess.run(cmd, capture_output=True, text=True, env=point_env())
+               "--warmup", str(args.warmup)] + (["--small"] if args.small else []) + (["--as-is"] if args.as_is else [])
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ) if args.as_is else point_env())
         line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith("{")), None)
         if done.returncode or line is None:
             rows.append({"point": point, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]})

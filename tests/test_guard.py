@@ -8,6 +8,7 @@ wrong gradients without depending on a real compiler bug.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -204,3 +205,51 @@ def test_a_backward_that_reuses_its_saved_buffers_gives_the_user_right_gradients
     for k in want:
         assert want[k].abs().max() > 0, k
         assert_close(got[k], want[k], what=f"grad {k}")  # the user's backward was the first through its graph
+
+
+def test_after_each_checked_first_call_the_freed_memory_is_returned_and_the_reference_is_gone(monkeypatch):
+    """A first call compiles and runs the eager reference (forward and backward) besides the compiled
+    graph; their memory is handed back to the system once per checked shape class (`return_freed_memory`:
+    a full collection, then glibc's malloc_trim), after the reference's outputs and autograd graph are
+    unreferenced (else the trim could not return them and the process would keep the first call's
+    high-water mark between steps, benchmarks/memory_budget.py). Later calls of a checked class do not."""
+    from torch import fx, nn
+
+    from adapt_compiler.lowering import guard as guard_module
+
+    gm = fx.symbolic_trace(nn.Linear(4, 3))
+    # a weak reference to the memory of each output of the eager reference graph: the storage object lives
+    # as long as any tensor on it does (the check's detached copies of the outputs included)
+    reference_out = []
+    gm.register_forward_hook(lambda _m, _a, out: reference_out.append(weakref.ref(out.untyped_storage())))
+
+    def compiled(x):
+        return torch.nn.functional.linear(x, gm.weight, gm.bias)
+
+    compiled.shape_class = lambda args, kwargs: (min(args[0].shape[0], 2),)
+    released = []  # per call of return_freed_memory: was every reference output already freed?
+    monkeypatch.setattr(guard_module, "return_freed_memory",
+                        lambda: released.append(all(r() is None for r in reference_out)))
+    guarded = guard_module.guard(gm, compiled, "fake", lambda: [("weight", gm.weight)], lambda: [],
+                                 [("eager", lambda: gm)], "the test graph")
+    out = guarded(torch.randn(3, 4))
+    assert guarded.verdict.status == "passed"
+    assert reference_out and released == [True]
+    out.sum().backward()  # the user's output still has its autograd graph
+    assert gm.weight.grad is not None
+    guarded(torch.randn(5, 4))  # same shape class: nothing to check, nothing to return
+    assert released == [True]
+    guarded(torch.randn(1, 4))  # a new shape class: checked, then returned again
+    assert released == [True, True] and len(reference_out) == 2
+
+
+def test_return_freed_memory_runs_on_this_platform():
+    """The real call (a full collection and, on glibc, malloc_trim) works here and finds the trim."""
+    import platform
+    import sys
+
+    from adapt_compiler.lowering.guard import _malloc_trim, return_freed_memory
+
+    return_freed_memory()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None

@@ -23,7 +23,8 @@ they do not, a `CompilerMismatchWarning` names the graph, the tensors that diffe
 the graph falls back to the next lowering in `fallbacks` that passes the same check (eager always
 does: it is the reference), and `report()` says so. Cost: one extra eager forward (and backward, in
 training) per new graph, and in training one more forward of the chosen lowering (`_run`);
-`ac.compile(..., verify=False)` turns it off.
+`ac.compile(..., verify=False)` turns it off. After each checked first call, the memory the compile and the
+check freed is handed back to the system (`return_freed_memory`: a full collection and glibc's malloc_trim).
 
 A warm start (compile_cache.py) may skip the eager reference: `reuse` holds the verdicts saved with a
 compile cache whose key matched this module (torch, adapt_compiler's code, spec, options, model,
@@ -39,6 +40,9 @@ reasoning, and what it does not cover, is in docs/GUARANTEES.md.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import hashlib
 import itertools
 import math
@@ -76,6 +80,31 @@ def _tolerance(t: torch.Tensor) -> float:
     if t.dtype == torch.float32 and t.is_cuda:
         return CUDA_FLOAT32
     return TOLERANCE.get(t.dtype, 2e-3)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library: nothing to call)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS), or no dlopen(NULL) (Windows)
+        return None
+
+
+def return_freed_memory() -> None:
+    """After a graph's first call: give the memory that the compile and the check freed back to the system.
+
+    A first call compiles (Dynamo, AOTAutograd, Inductor) and runs the eager reference (forward and
+    backward, in training) besides the compiled graph. Their objects are garbage now, but (1) the
+    compile's sit in reference cycles until a full collection, and (2) glibc keeps freed heap memory in
+    the process: its mmap threshold rises as large tensors are freed, so later ones come from the heap,
+    and the heap is only returned from its top. Without this, the process keeps the first call's
+    high-water mark as resident memory between steps (at the issue-18 size, see
+    benchmarks/memory_budget.py). Costs one full collection and one trim per compiled specialisation."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _float_leaves(out) -> list[torch.Tensor]:
@@ -234,6 +263,7 @@ class GuardedGraph:
             return self.fn(*args, **kwargs)
         out = self._first_call(args, kwargs)
         self.checked_classes.add(key)
+        return_freed_memory()  # the check's reference run and the compile's objects are unreferenced now
         return out
 
     def _reused_call(self, args, kwargs, params, grads, state):
