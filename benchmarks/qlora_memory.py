@@ -4,6 +4,9 @@
     python -m benchmarks.qlora_memory --layers 2 --steps 2  # a quick check of the harness
     python -m benchmarks.qlora_memory --profile             # + where the step time goes (torch.profiler)
     python -m benchmarks.qlora_memory --breakdown           # CPU s/step: dequantize vs GEMM vs adapter, op by op
+    python -m benchmarks.qlora_memory --speed --steps 3     # ours vs PEFT QLoRA step time, interleaved, + profiles
+    python -m benchmarks.qlora_memory --modes ours-nf4,peft-nf4 --allocators mmap64k --tensors
+                                                            # + peak live tensor bytes, saved-for-backward bytes
 
 Model: a Llama-shaped config (hidden 2048, intermediate 5632, 16 layers, 32 heads, vocab 32000,
 untied lm_head: ~1B parameters) with random weights, built on the meta device and materialised one
@@ -17,7 +20,10 @@ AdamW, batch 1 x 128 tokens with labels. Modes:
     peft-bf16 / peft-nf4     peft.get_peft_model(model, LoraConfig(...)) (QLoRA: peft-nf4)
 
 Each (mode, allocator) runs in a fresh process (peak RSS is per process). Peak = the largest RSS
-sampled every 10 ms during the steps, and ru_maxrss (construction included). Allocators: glibc's
+sampled every 10 ms during the steps (also per step), and ru_maxrss (construction included);
+rest_rss_MB = RSS after each step, garbage collected and trimmed: what a step leaves behind (ours:
+the captured graph, which the first step builds). --tensors separates tensors from the rest of the
+process: the peak of live tensor bytes in one step and the bytes saved for backward. Allocators: glibc's
 default, and MALLOC_MMAP_THRESHOLD_=65536, which makes glibc return the transient dequantized
 weights (8-22 MB each, freed within a layer) to the OS instead of keeping them in a heap that never
 shrinks. Results: benchmarks/results_qlora.json and a Markdown table on stdout.
@@ -26,6 +32,8 @@ shrinks. Results: benchmarks/results_qlora.json and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import resource
@@ -49,12 +57,13 @@ def _rss_mb() -> float:
 
 class _PeakSampler:
     def __init__(self):
-        self.peak, self._stop = 0.0, False
+        self.peak, self.step_peak, self._stop = 0.0, 0.0, False
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop:
-            self.peak = max(self.peak, _rss_mb())
+            rss = _rss_mb()
+            self.peak, self.step_peak = max(self.peak, rss), max(self.step_peak, rss)
             time.sleep(0.01)
 
     def __enter__(self):
@@ -124,48 +133,100 @@ def build_model(args, quant: str):
     return model.train()
 
 
-def _classify(events, r: int) -> dict:
-    """Self CPU seconds of a profiled step by where they go (see the module docstring)."""
-    out = {"dequantize": 0.0, "adapter GEMMs (a rank-r operand)": 0.0, "other GEMMs (base layers, attention, "
-           "lm_head)": 0.0, "everything else": 0.0}
-    gemms = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-             "aten::_scaled_dot_product_attention_math", "aten::baddbmm")
+CATEGORIES = ("dequantize (nf4 -> bf16)", "base GEMMs (q/k/v/o/MLP, fwd + dx)", "LoRA adapter GEMMs (rank-r operand)",
+              "lm_head GEMMs", "attention (SDPA)", "optimizer (AdamW)", "everything else")
+_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _classify(events, r: int, vocab: int) -> dict:
+    """Self time (s) of a profiled step's ops by where they go. `events`: the profiler's function
+    events (one thread: --threads 1). An op under AdamW's step is the optimizer's; a GEMM with a
+    rank-r operand dimension is the adapter's, with a vocab-size one the lm_head's, any other GEMM
+    a base layer's (attention is SDPA, not a GEMM op); dequantize is bitsandbytes' dequantize ops
+    (in ours and PEFT's alike: the forward's inside gemm_4bit, the backward's re-dequantize)."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
     for e in events:
+        if e.name == "[memory]":
+            continue
         t = e.self_cpu_time_total / 1e6
-        if "dequantize" in e.key:
-            out["dequantize"] += t
-        elif e.key in gemms:
-            shapes = [tuple(s) for s in (e.input_shapes or []) if s]
-            if any(r in s for s in shapes):
-                out["adapter GEMMs (a rank-r operand)"] += t
-            else:
-                out["other GEMMs (base layers, attention, lm_head)"] += t
+        parent, in_optimizer = e.cpu_parent, False
+        while parent is not None and not in_optimizer:
+            in_optimizer = parent.name.startswith("Optimizer.step")
+            parent = parent.cpu_parent
+        shapes = [tuple(s) for s in (e.input_shapes or []) if s]
+        if in_optimizer or e.name.startswith("Optimizer.step"):
+            key = "optimizer (AdamW)"
+        elif "dequantize" in e.name:
+            key = "dequantize (nf4 -> bf16)"
+        elif "scaled_dot_product" in e.name:
+            key = "attention (SDPA)"
+        elif e.name in _GEMMS:
+            key = ("LoRA adapter GEMMs (rank-r operand)" if any(r in sh for sh in shapes) else
+                   "lm_head GEMMs" if any(vocab in sh for sh in shapes) else "base GEMMs (q/k/v/o/MLP, fwd + dx)")
         else:
-            out["everything else"] += t
-    return {k: round(v, 3) for k, v in out.items()}
+            key = "everything else"
+        out[key] += t
+    return out
 
 
-def child(args) -> dict:
-    rss_start = _rss_mb()
+def _profile_step(step, r: int, vocab: int) -> dict:
+    """One step under torch.profiler: self time per category (wall clock of this thread, which on a
+    loaded machine includes waiting for a core) and the same shares of the step's thread CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        c = time.thread_time()
+        step()
+        cpu = time.thread_time() - c
+    by = _classify(prof.profiler.function_events, r, vocab)
+    total = sum(by.values())
+    return {"thread_cpu_s": round(cpu, 3), "profiled_wall_s": round(total, 3),
+            "cpu_s": {k: round(cpu * v / total, 3) for k, v in by.items()},
+            "share": {k: round(v / total, 3) for k, v in by.items()}}
+
+
+def _tensor_memory(net, step, params) -> dict:
+    """What the step's tensors hold, independent of the allocator: the peak of live tensor bytes in
+    one step (torch.profiler's memory timeline: every tensor the step allocates or touches, the
+    model's weights included) and the bytes autograd saves for the backward (unique storages, not
+    counting parameters or the model's weights)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action  # private; a benchmark's attribution aid only
 
-    torch.set_num_threads(args.threads)
-    import peft  # noqa: F401 - imported in every mode, so the import baseline is the same
-    import transformers  # noqa: F401
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    live, cur, peak = {}, 0, 0
+    for _, action, key, size in prof._memory_profile().timeline:
+        if action in (Action.PREEXISTING, Action.CREATE):
+            live[key] = size
+            cur += size
+        elif action == Action.INCREMENT_VERSION:
+            live[(key[0], key[1] + 1)] = live.pop(key, size)
+        elif action == Action.DESTROY:
+            cur -= live.pop(key, 0)
+        peak = max(peak, cur)
+    owned = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers(), *params]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return {"peak_live_tensors_MB": round(peak / 2**20, 1), "saved_for_backward_MB": round(sum(saved.values()) / 2**20, 1)}
+
+
+def _training(who: str, model, args):
+    """(the trained module, its step function, its trainable tensors) for ours or PEFT over `model`."""
+    import peft
+    import torch
 
     import adapt_compiler as ac
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        pass
-    rss_imports = _rss_mb()
-    who, quant = args.child.split("-")
-    t0 = time.time()
-    model = build_model(args, quant)
-    build_s = time.time() - t0
-    _malloc_trim()
-    rss_built = _rss_mb()
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(1))
     if who == "peft":
         net = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS))
@@ -185,30 +246,93 @@ def child(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
+    return net, step, params
+
+
+def child(args) -> dict:
+    rss_start = _rss_mb()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import peft  # noqa: F401 - imported in every mode, so the import baseline is the same
+    import transformers  # noqa: F401
+
+    import adapt_compiler as ac  # noqa: F401
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    rss_imports = _rss_mb()
+    who, quant = args.child.split("-")
+    t0 = time.time()
+    model = build_model(args, quant)
+    build_s = time.time() - t0
+    _malloc_trim()
+    rss_built = _rss_mb()
+    net, step, params = _training(who, model, args)
+
     _malloc_trim()
     rss_ready = _rss_mb()
-    wall, cpu = [], []
+    wall, cpu, peaks, rest = [], [], [], []
     with _PeakSampler() as sampler:
         for _ in range(args.steps):
+            sampler.step_peak = _rss_mb()
             t, c = time.perf_counter(), time.process_time()
             loss = step()
             wall.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
+            peaks.append(round(max(sampler.step_peak, _rss_mb())))
+            gc.collect()
+            _malloc_trim()
+            rest.append(round(_rss_mb()))  # what stays after the step (ours: the capture's graph)
     result = dict(mode=args.child, malloc=os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
                   layers=args.layers, hidden=args.hidden, seq=args.seq, lowering=args.lowering if who == "ours" else "",
                   params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                   rss_start_MB=round(rss_start), rss_imports_MB=round(rss_imports), rss_built_MB=round(rss_built),
-                  rss_ready_MB=round(rss_ready), peak_rss_MB=round(sampler.peak),
+                  rss_ready_MB=round(rss_ready), peak_rss_MB=round(sampler.peak), step_peak_rss_MB=peaks, rest_rss_MB=rest,
                   ru_maxrss_MB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                   build_s=round(build_s, 1), step_wall_s=[round(x, 2) for x in wall],
                   step_cpu_s=[round(x, 2) for x in cpu], loss=round(loss, 4))
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            step()
-        result["profile_self_cpu_s"] = _classify(prof.key_averages(group_by_input_shape=True), args.r)
+        result["profile"] = _profile_step(step, args.r, args.vocab)
+    if args.tensors:
+        result.update(_tensor_memory(net, step, params))
     return result
+
+
+def speed(args) -> dict:
+    """Step time, ours against PEFT's QLoRA, in one process over the same quantized weights: the nf4
+    model is built once, a second module tree shares its packed weights (deepcopy with every tensor
+    and quant state memoised), PEFT wraps one tree and ac.compile the other. Steps alternate (ours,
+    PEFT, ours, ...) so load on a shared machine hits both alike; each step's time is the CPU time of
+    this thread (time.thread_time) under torch.set_num_threads(1), so waiting for a core is not
+    counted. Then one profiled step per side: where the time goes (_profile_step)."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = build_model(args, "nf4")
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for mod in model.modules():
+        if getattr(mod, "quant_state", None) is not None:
+            memo[id(mod.quant_state)] = mod.quant_state
+    twin = copy.deepcopy(model, memo)
+    sides = {"ours": _training("ours", model, args), "peft": _training("peft", twin, args)}
+    first = {who: s[1]() for who, s in sides.items()}  # ours captures here; both warm up
+    cpu = {who: [] for who in sides}
+    losses = {}
+    for _ in range(args.steps):
+        for who, (_, step, _) in sides.items():
+            c = time.thread_time()
+            losses[who] = step()
+            cpu[who].append(round(time.thread_time() - c, 3))
+    median = {who: sorted(v)[len(v) // 2] for who, v in cpu.items()}
+    out = {"layers": args.layers, "seq": args.seq, "threads": 1, "first_step_loss": first, "loss": losses,
+           "thread_cpu_s": cpu, "median_thread_cpu_s": median,
+           "ours_over_peft": round(median["ours"] / median["peft"], 3),
+           "load_average": os.getloadavg()}
+    out["profile"] = {who: _profile_step(s[1], args.r, args.vocab) for who, s in sides.items()}
+    return out
 
 
 def breakdown(args) -> dict:
@@ -263,7 +387,8 @@ def _run_child(args, mode: str, malloc: str | None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.qlora_memory", "--child", mode, "--layers", str(args.layers),
            "--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
            "--vocab", str(args.vocab), "--seq", str(args.seq), "--steps", str(args.steps), "--r", str(args.r),
-           "--threads", str(args.threads), "--lowering", args.lowering] + (["--profile"] if args.profile else [])
+           "--threads", str(args.threads), "--lowering", args.lowering] + (["--profile"] if args.profile else []) \
+        + (["--tensors"] if args.tensors else [])
     proc = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -315,9 +440,18 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--out", default=str(HERE / "results_qlora.json"))
     p.add_argument("--breakdown", action="store_true", help="only: CPU seconds per step by component (see breakdown())")
+    p.add_argument("--tensors", action="store_true",
+                   help="also: peak live tensor bytes and saved-for-backward bytes of one step per mode")
+    p.add_argument("--speed", action="store_true",
+                   help="only: ours vs PEFT QLoRA step time, interleaved in one process, and a profile of each (speed())")
     args = p.parse_args(argv)
     if args.breakdown:
         print(json.dumps(breakdown(args), indent=1))
+        return 0
+    if args.speed:
+        res = speed(args)
+        print(json.dumps(res, indent=1))
+        Path(args.out).with_name("results_qlora_speed.json").write_text(json.dumps(res, indent=1))
         return 0
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)

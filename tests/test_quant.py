@@ -16,6 +16,7 @@ Eager lowering throughout, except one Inductor training step.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -148,6 +149,7 @@ def test_inductor_training_step_matches_eager(bases):
     pm, _ = peft_pair(bases("nf4"), METHODS["lora"][0](), _spec("lora"), keys=("lora_",))
     m = ac.compile(bases("nf4"), _spec("lora"))  # Inductor, verified against eager on its first call
     m.load_adapter_state_dict(peft.get_peft_model_state_dict(pm))
+    before = frozenset(_dense_weights_alive(m, m, pm))
     pm.train()
     m.train()
     batch = token_batch()
@@ -160,6 +162,9 @@ def test_inductor_training_step_matches_eager(bases):
     square_loss(theirs).backward()
     compare_grads(m, pm, rtol=1e-4, atol=1e-5)
     assert m.report().checks[0][1].status == "passed"
+    # the compiled graph's constants and the guard's reference state hold no dequantized weight
+    alive = _dense_weights_alive(m, m, pm, before=before)
+    assert not alive, f"{len(alive)} full-precision copies of quantized weights outlive the compiled step"
 
 
 # -- memory: no full-precision copy of a quantized weight ------------------------------------------
@@ -194,6 +199,46 @@ def test_no_full_precision_weight_is_kept(bases, scheme):
             assert not (t.is_floating_point() and t.numel() >= info.out_features * info.in_features), \
                 f"{r}: a full-precision {tuple(t.shape)} tensor in the graph"
             assert t.untyped_storage().data_ptr() in _storages(base), f"{r}: a copy, not the model's own tensor"
+
+
+def _dense_weights_alive(m, *models, before=frozenset()) -> list:
+    """Every live tensor (as the garbage collector sees them) that could be a dequantized weight: a
+    float tensor holding memory, of a quantized layer's (out, in) or (in, out) shape, that is none of
+    the models' own float parameters or buffers (fake and meta tensors hold no memory) and was not
+    alive already (`before`: the ids this returned earlier, e.g. other tests' models)."""
+    shapes = {(i.out_features, i.in_features) for i in m.table.quant.values()}
+    shapes |= {(k, n) for n, k in shapes}
+    owned = {t.untyped_storage().data_ptr() for mod in models for t in [*mod.parameters(), *mod.buffers()]
+             if t.is_floating_point() and type(t) in (torch.Tensor, nn.Parameter)}
+    gc.collect()
+    # a dequantized W is a plain tensor (subclasses such as fake or functional tensors hold no data)
+    return [id(o) for o in gc.get_objects()
+            if type(o) is torch.Tensor and id(o) not in before and o.device.type != "meta"
+            and o.is_floating_point() and tuple(o.shape) in shapes and o.untyped_storage().data_ptr() not in owned]
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "torchao_int8"])
+def test_no_dequantized_weight_alive_between_steps(bases, scheme):
+    """After training steps (forward, backward, optimizer), nothing holds a full-precision copy of a
+    quantized weight: not the graphs, not a cache of the method (DoRA's weight norm, the eval order's
+    W + ΔW), not the lowering. The issue forbids one that persists between steps."""
+    base = bases(scheme)
+    m = ac.compile(base, ac.LoRA(r=4, targets=ATTN, use_dora=True), lowering="eager")
+    m.train()
+    opt = torch.optim.AdamW(m.adapter_parameters(), lr=1e-3)
+    batch = token_batch()
+    before = frozenset(_dense_weights_alive(m, base, m))
+    for _ in range(2):
+        square_loss(m(**batch)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    alive = _dense_weights_alive(m, base, m, before=before)
+    assert not alive, f"{len(alive)} full-precision copies of quantized weights outlive the training steps"
+    m.eval()
+    with torch.no_grad():
+        m(**batch)  # eval folds ΔW into the dequantized weight, transiently
+    alive = _dense_weights_alive(m, base, m, before=before)
+    assert not alive, f"{len(alive)} full-precision W + ΔW outlive the eval forward"
 
 
 def _storages(model):
