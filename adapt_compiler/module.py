@@ -461,8 +461,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
         if self.table.pool is not None:  # each sample's pool slot: data, so nothing recompiles
             self.state.pool_index = pool_indices(self.table.pool, self._pool_active, adapter_names, args, kwargs)
-        for name in self.state.active:
-            method_for(self.state.specs[name]).before_call(self.table, name, self.training)
+        self._before_call()
         try:
             return self._lowered(entry, variant)(*args, **kwargs)
         finally:
@@ -480,10 +479,17 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             )
         if adapter_names is not None:
             self.state.mixed = check_adapter_names(self.table, self._merged, adapter_names, args, kwargs)
+        for name in self.state.active:  # per-call adapter state, on every call (see before_traced_call)
+            method_for(self.state.specs[name]).before_traced_call(self.table, name, self.training)
         try:
             return gm(*args, **kwargs)
         finally:
             self.state.mixed = None
+
+    def _before_call(self) -> None:
+        """Each active method's per-call hook (WeightMethod.before_call), before the graph runs."""
+        for name in self.state.active:
+            method_for(self.state.specs[name]).before_call(self.table, name, self.training)
 
     def _variant(self, adapter_names=None) -> str:
         if adapter_names is not None and self.state.specs:  # (pool adapters alone: the pool's index serves)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import compile_env
 from models import tiny_llama, token_batch
 from oracle import adapter_grads_ours, adapter_grads_peft, assert_close
 
@@ -177,8 +178,8 @@ def _count_guard_runs(monkeypatch=None) -> list:
 def _fresh_process(script: str, cache_dir: Path, *args) -> None:
     """`script` in a new Python process whose Inductor cache directory is `cache_dir` (created empty)."""
     cache_dir.mkdir()
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    env = compile_env(cache_dir, [TESTS.parent, *filter(None, [os.environ.get("PYTHONPATH")])],
+                      threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", script, str(TESTS), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -78,6 +78,24 @@ def test_folded_inference_equals_unfolded_and_tracks_updates():
     assert (refolded - folded).abs().max() > 1e-4
 
 
+def test_torch_compile_of_the_module_follows_a_prompt_update():
+    """torch.compile(m) (Dynamo over our graph) re-folds the prompt after an update, as an eager call does:
+    the fold runs outside Dynamo's graph on every call (traced in, it ran once and went stale)."""
+    base = tiny_llama()
+    m, _ = _pair(base, layers=1)
+    batch = token_batch()
+    m.eval()
+    with torch.no_grad():
+        m(**batch)  # the eager call that builds the graph torch.compile(m) inlines
+        compiled = torch.compile(m, backend="eager")
+        before = compiled(**batch).logits
+        block = next(iter(m.graph_adapters["default"].values()))
+        block.adaption_prompt.add_(0.5)  # an optimizer step, a checkpoint load
+        after = compiled(**batch).logits
+        assert (after - before).abs().max() > 1e-4
+        assert_close(after, m(**batch).logits, rtol=1e-6, what="torch.compile(m) after a prompt update")
+
+
 def test_checkpoints_round_trip_with_peft(tmp_path):
     base = tiny_llama(layers=3)
     m, pm = _pair(base)

@@ -102,6 +102,28 @@ def test_monteclora_noise_is_live_in_training_only():
         assert torch.equal(logits_of(m(**batch)), logits_of(m(**batch)))
 
 
+def test_monteclora_draws_per_call_under_torch_compile_of_the_module():
+    """torch.compile(m) in training: each call gets the next sample of the sampler, as eager calls do (the hook
+    runs outside Dynamo's graph), so the outputs equal an eager twin's, call for call, from the same seed."""
+    base, batch = tiny_llama(layers=1), token_batch()
+    _, eager = _pair(base)
+    _, m = _pair(base)
+    eager.train(), m.train()
+    for twin in (m, eager):  # the eager call that builds the graph torch.compile(m) inlines; the first buffer
+        torch.manual_seed(1)
+        twin(**batch)
+    compiled = torch.compile(m, backend="eager")
+    outs = []
+    for step in range(3):  # buffer_size=2: the second call here refills, drawing from the global generator
+        torch.manual_seed(10 + step)
+        got = logits_of(compiled(**batch))
+        torch.manual_seed(10 + step)
+        want = logits_of(eager(**batch))
+        assert_close(got, want, rtol=1e-6, what="torch.compile(m) vs eager, same draws")
+        outs.append(got)
+    assert (outs[0] - outs[1]).abs().max() > 0 and (outs[1] - outs[2]).abs().max() > 0
+
+
 def test_monteclora_refusals():
     with pytest.raises(ac.AdapterError, match="monteclora_config has no field 'monteclora_n'"):
         ac.LoRA(r=4, monteclora_config={"monteclora_n": 8})

@@ -12,12 +12,13 @@ the process's peak RSS at the issue's size.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fresh_process import compile_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (1.0, 0.5, 0.1)
@@ -62,11 +63,7 @@ print("ROWS " + json.dumps(rows))
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """One fresh process: a training step at each budget, and one with gradient checkpointing."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
-    # its own Inductor cache: a kernel .so built by this test process (under pytest-xdist, with the same one
-    # OpenMP thread, so the same cache key) failed to load in the child with an undefined libstdc++ symbol
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor_cache"))
+    env = compile_env(tmp_path_factory.mktemp("inductor_cache"), [ROOT, ROOT / "tests"])
     runs = [str(b) for b in BUDGETS] + ["ckpt"]
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=1800)

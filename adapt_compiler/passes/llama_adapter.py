@@ -155,6 +155,16 @@ class PromptBlock(nn.Module):
                 setattr(self, name, val.detach().clone())
         self.__dict__["_fold_key"] = key
 
+    def fold_in_graph(self) -> None:
+        """refresh_fold for Dynamo to trace: unconditional (its change check reads storage versions, which a
+        traced graph cannot), into the same buffers."""
+        src = self._kv_src
+        if src is None or self.folded_k.numel() == 0:  # never folded: inference calls fold eagerly first
+            return
+        k, v = self.project(*src)
+        self.folded_k.copy_(k)
+        self.folded_v.copy_(v)
+
     def forward(self, attn_out, q, k_w, k_b, v_w, v_b, o_w, o_b):
         if self.adapter not in self.state.active:
             return attn_out
@@ -258,6 +268,17 @@ class LlamaAdapterMethod(GraphMethod):
             return
         for block in table.graph_adapters[name].values():
             block.refresh_fold()
+
+    def runs_before_call(self, spec) -> bool:
+        return True
+
+    def before_traced_call(self, table, name: str, training: bool) -> None:
+        # torch.compile(m) in inference: the fold is computed inside Dynamo's graph on every call (no graph
+        # break; fullgraph=True holds), so a prompt or weight update shows in the next call
+        if training or torch.is_grad_enabled():
+            return
+        for block in table.graph_adapters[name].values():
+            block.fold_in_graph()
 
     def rewrite(self, gm: fx.GraphModule, table, name: str, captured) -> None:
         holder = table.graph_adapters[name]

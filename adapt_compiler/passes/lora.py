@@ -387,6 +387,9 @@ class LoRAMethod(WeightMethod):
         if spec.monteclora_config:
             _lora_monteclora.before_call(table, name, spec, training)
 
+    def runs_before_call(self, spec) -> bool:
+        return bool(spec.monteclora_config)
+
     # -- the low-rank product ------------------------------------------------------------
     def _dense_factors(self, layer: Layer, p):
         """(A, B) as dense matrices: BD-LoRA's block-diagonal factor expanded, KaSA's d folded into B."""

@@ -298,6 +298,18 @@ class WeightMethod:
         """Run before each eager call of the AdaptedModule, outside any compiled graph, with adapter `name`
         active (MonteCLoRA hands each layer its noise sample here). Default: nothing."""
 
+    def runs_before_call(self, spec) -> bool:
+        """Whether `before_call` does anything for this spec. Default: no."""
+        return False
+
+    def before_traced_call(self, table, name: str, training: bool) -> None:
+        """torch.compile(m): Dynamo traces the module's call. Default: `before_call` runs eagerly on every
+        call, outside Dynamo's graph (a graph break), when it does anything; traced into the graph it would
+        run once, at trace time, and its state would go stale."""
+        if self.runs_before_call(table.specs[name]):
+            torch._dynamo.disable(self.before_call, reason="adapt_compiler: per-call adapter state")(
+                table, name, training)
+
     def regularization_loss(self, spec, slots: list[tuple[Layer, Mapping[str, torch.Tensor]]]):
         """A loss term the user adds (AdaLoRA, HRA orthogonality). None if the method has none."""
         return None
@@ -356,6 +368,9 @@ class GraphMethod:
     def before_call(self, table, name: str, training: bool) -> None:
         """Run before each eager call of the AdaptedModule, outside any compiled graph (Llama-Adapter
         refreshes its folded prompt projections here). Default: nothing."""
+
+    runs_before_call = WeightMethod.runs_before_call
+    before_traced_call = WeightMethod.before_traced_call
 
     def state_dict(self, table, name: str) -> dict[str, torch.Tensor]:
         """PEFT-format tensors (keys without `key_prefix`), the live tensors (loads copy into them)."""
