@@ -24,10 +24,11 @@ CASES = {
                                                  nblocks=2)),
                dict(use_bdlora=dict(target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2,
                                     match_strict=True)), ("lora_",), True),
-    "kasa": (dict(kasa_config=peft.KasaConfig()), dict(kasa_config=dict(beta=1e-4, gamma=1e-3)),
+    # an empty or partial variant dict means PEFT's defaults for the rest (it once meant "off", silently)
+    "kasa": (dict(kasa_config=peft.KasaConfig()), dict(kasa_config={}),
              ("lora_A", "lora_B", "lora_diag"), True),
     "velora": (dict(velora_config=peft.VeloraConfig(num_groups=4)),
-               dict(velora_config=dict(num_groups=4, scale=1.0, init_type="batch_average")), ("lora_A", "lora_B"), True),
+               dict(velora_config=dict(num_groups=4)), ("lora_A", "lora_B"), True),
     "pissa": (dict(init_lora_weights="pissa"), dict(init="pissa"), ("lora_",), True),
     "olora": (dict(init_lora_weights="olora"), dict(init="olora"), ("lora_",), True),
     "mica": (dict(init_lora_weights="mica"), dict(init="mica"), ("lora_A",), True),
@@ -41,6 +42,11 @@ def test_option_matches_peft(case, tmp_path):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, **peft_kw)
     spec = ac.LoRA(r=4, alpha=8, targets=QV, **our_kw)
     check_full_parity(base, token_batch(), cfg, spec, tmp_path, keys=keys, merge=merge)
+
+
+def test_a_variant_field_peft_does_not_have_is_refused_by_name():
+    with pytest.raises(ac.AdapterError, match="kasa_config has no field 'betta'"):
+        ac.LoRA(r=4, targets=QV, kasa_config={"betta": 1e-4})
 
 
 def test_lora_bias_merge_refused_without_a_base_bias():

@@ -37,6 +37,17 @@ from .method import BASE_WEIGHT, AdapterError, AdapterShapeError, Layer, WeightM
 from .registry import register
 
 
+# PEFT's LoRA variant options (the LoRA fields named like PEFT's config fields) that PEFT runs on Linear only
+LINEAR_ONLY_VARIANTS = ("use_bdlora", "kasa_config", "velora_config", "monteclora_config")
+# PEFT 0.21.2's defaults for the variant configs' fields (BdLoraConfig, KasaConfig, VeloraConfig), filled in so
+# that `kasa_config={}` means "KaSA with PEFT's defaults" and not "off" (MonteCLoRA: _lora_monteclora.config_of)
+VARIANT_DEFAULTS = {
+    "use_bdlora": {"target_modules_bd_a": None, "target_modules_bd_b": None, "nblocks": 1, "match_strict": True},
+    "kasa_config": {"beta": 1e-4, "gamma": 1e-3},
+    "velora_config": {"num_groups": 64, "scale": 1.0, "init_type": "batch_average"},
+}
+
+
 @dataclass
 class LoRA(AdapterSpec):
     method = "lora"
@@ -67,10 +78,31 @@ class LoRA(AdapterSpec):
     lora_ga_config: dict | None = None
     loftq_config: dict = field(default_factory=dict)  # init="loftq": see _lora_init_loftq.py
 
+    def _fill_variant_defaults(self, name: str, defaults: dict) -> None:
+        value = getattr(self, name)
+        if value is None:
+            return
+        unknown = sorted(set(value) - set(defaults))
+        if unknown:
+            raise AdapterError(f"LoRA: {name} has no field {unknown[0]!r} (PEFT's fields: {', '.join(defaults)}).")
+        setattr(self, name, {**defaults, **value})
+
+    def linear_only_variants(self) -> list[str]:
+        """The PEFT LoRA variant options this spec sets that PEFT runs on Linear layers only."""
+        return [name for name in LINEAR_ONLY_VARIANTS if getattr(self, name)]
+
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, r=self.r)
         check_probability(self, dropout=self.dropout)
+        for name in LINEAR_ONLY_VARIANTS + ("eva_config", "corda_config"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _as_dict(value, name))
+        for name, defaults in VARIANT_DEFAULTS.items():
+            self._fill_variant_defaults(name, defaults)
+        if self.monteclora_config is not None:
+            self.monteclora_config = _lora_monteclora.config_of(self.monteclora_config)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise AdapterError(f"LoRA: alpha={self.alpha!r} must be a positive number (PEFT's lora_alpha).")
         if self.init not in (True, False, "gaussian", "loftq") and initialiser_for(self.init) is None:
@@ -87,11 +119,8 @@ class LoRA(AdapterSpec):
             raise AdapterError(f"LoRA: lora_ga_config is only read with init='lora_ga' (got init={self.init!r}); set "
                                f"init='lora_ga' or drop it.")
         if self.init in DATA_INITS:
-            combined = [n for n, on in (("use_dora", self.use_dora), ("target_parameters", self.target_parameters),
-                                        ("trainable_token_indices", self.trainable_token_indices),
-                                        ("use_bdlora", self.use_bdlora), ("kasa_config", self.kasa_config),
-                                        ("velora_config", self.velora_config),
-                                        ("monteclora_config", self.monteclora_config)) if on]
+            combined = [n for n in ("use_dora", "target_parameters", "trainable_token_indices") if getattr(self, n)]
+            combined += self.linear_only_variants()
             if combined:
                 raise AdapterError(f"LoRA: init={self.init!r} with {combined[0]} is not supported: the data pass "
                                    f"initialises plain Linear LoRA factors; drop {combined[0]} or use init=True.")
@@ -99,16 +128,8 @@ class LoRA(AdapterSpec):
             check_loftq_config(self.loftq_config)
         elif self.loftq_config:
             raise AdapterError("LoRA: loftq_config is only read with init='loftq'; set init='loftq' or drop it.")
-        for name in ("use_bdlora", "kasa_config", "velora_config", "monteclora_config", "eva_config", "corda_config"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, _as_dict(value, name))
-        if self.monteclora_config is not None:
-            self.monteclora_config = _lora_monteclora.config_of(self.monteclora_config)
-        variants = [n for n, on in (("use_dora", self.use_dora), ("init='mica'", self.init == "mica"),
-                                    ("use_bdlora", self.use_bdlora), ("kasa_config", self.kasa_config),
-                                    ("velora_config", self.velora_config),
-                                    ("monteclora_config", self.monteclora_config)) if on]
+        variants = [n for n, on in (("use_dora", self.use_dora), ("init='mica'", self.init == "mica")) if on]
+        variants += self.linear_only_variants()
         if len(variants) > 1:
             raise AdapterError(f"LoRA: {' and '.join(variants)} cannot be combined (PEFT allows one LoRA variant per "
                                f"layer); pick one.")
@@ -281,9 +302,7 @@ class LoRAMethod(WeightMethod):
     def _check_variants(self, spec: LoRA, layer: Layer) -> None:
         """PEFT runs BD-LoRA, KaSA, VeLoRA, MonteCLoRA (and MiCA) on Linear layers only, lora_bias on Linear
         and convs."""
-        linear_only = [n for n, on in (("use_bdlora", spec.use_bdlora), ("kasa_config", spec.kasa_config),
-                                       ("velora_config", spec.velora_config),
-                                       ("monteclora_config", spec.monteclora_config)) if on]
+        linear_only = spec.linear_only_variants()
         if linear_only and (layer.kind != "linear" or layer.weight_only):
             raise AdapterShapeError(f"{layer.fqn}: {linear_only[0]} works on Linear layers only (PEFT's variant is "
                                     f"Linear-only); this is a {layer.kind}. Exclude it from `targets`.")
