@@ -6,7 +6,8 @@
 For each weight shape (out x in), float32, a list of weights larger than the L3 cache is multiplied by
 one activation row per call, so every weight streams from memory as in decode: eager `x @ W.t()`
 (MKL's GEMV/GEMM), the same compiled by Inductor, and Inductor's fused reduction
-`(x[:, :, None] * W.t()[None]).sum(-2)` (what `decompose_mm_pass` writes, lowering/gemv.py). Prints
+`(x[:, :, None] * W.t()[None]).sum(-2)` (what `decompose_mm_pass` writes, lowering/gemv.py), and the
+reduction with the weight's rows outermost (what FewRowProducts writes for 2..8 rows). Prints
 the weight bytes read per second. `--clock thread` (the default) times the CPU time of the calling
 thread on one torch thread, which a shared machine disturbs least.
 """
@@ -47,12 +48,21 @@ def reduction(x, *weights):
     return [(x[:, :, None] * w.t()[None]).sum(-2) for w in weights]
 
 
+def weight_rows_outermost(x, *weights):
+    """What FewRowProducts (lowering/gemv.py) writes for 2..8 rows: each weight row read once for all of x."""
+    return [(w[:, None, :] * x[None]).sum(-1).t().contiguous() for w in weights]
+
+
 def main(shapes=SHAPES, rows=(1,), clock: str = "thread") -> dict:
     if clock == "thread":
         torch.set_num_threads(1)
     now = time.thread_time if clock == "thread" else time.perf_counter
+    # one static compile per (shape, rows) and variant: past Dynamo's default limit of 8 it would fall back
+    # to eager and report eager's speed under the compiled name
+    torch._dynamo.config.recompile_limit = 4 * len(shapes) * len(rows)
     variants = {"eager x @ W.t()": blas, "compiled x @ W.t()": torch.compile(blas, dynamic=False),
-                "compiled reduction": torch.compile(reduction, dynamic=False)}
+                "compiled reduction": torch.compile(reduction, dynamic=False),
+                "compiled reduction, weight rows outermost": torch.compile(weight_rows_outermost, dynamic=False)}
     results = {}
     for shape in shapes:
         out, inp = (int(d) for d in shape.split("x"))

@@ -15,7 +15,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 import adapt_compiler as ac
 from adapt_compiler.counters import COUNTERS
 from models import tiny_llama
-from oracle import ours_from_peft, peft_twin, randomize_
+from oracle import assert_close, ours_from_peft, peft_twin, randomize_
 from test_generate import ATTN, prompts
 
 STATIC = dict(do_sample=False, use_cache=True, cache_implementation="static", pad_token_id=0)
@@ -139,24 +139,51 @@ def test_the_static_cache_object_is_kept_across_decode_steps(compiled):
 def test_one_row_decode_computes_linear_layers_as_reductions_with_peft_tokens(compiled):
     """Batch 1: the decode step's linear layers see one row; Inductor computes them as fused reductions
     (lowering/gemv.py), the decision is on the graph, and the tokens are still PEFT's. The 2-row
-    decode graph of the other tests is left to BLAS."""
+    decode graph of the other tests gets our few-row reduction (FewRowProducts), also on the graph."""
     from adapt_compiler.lowering.gemv import GEMV
 
     m, first, *_ = compiled
+    two = prompts()  # 2 rows (compiled already when the tests before this one ran)
+    assert torch.equal(m.generate(**two, max_new_tokens=4, **STATIC), first.generate(**two, max_new_tokens=4, **STATIC))
     inputs = prompts(rows=1, length=7, seed=3)
     decompositions = torch._dynamo.utils.counters["inductor"]["decompose_mm"]
     ours = m.generate(**inputs, max_new_tokens=12, **STATIC)
     assert torch.equal(ours, first.generate(**inputs, max_new_tokens=12, **STATIC))
-    one_row = [e for e in _entries(m, "decode") if _adapted(e.graphs).meta.get(GEMV)]
+    decode = _entries(m, "decode")
+    one_row = [e for e in decode if "see one row" in _adapted(e.graphs).meta.get(GEMV, "")]
     assert len(one_row) == 1, "the batch-1 decode graph records the decision"
     gm = _adapted(one_row[0].graphs)
     assert gm.meta[GEMV].startswith("8 of 8 linear layers see one row"), gm.meta[GEMV]  # q/k/v/o slots, MLP, head
     assert gm.meta["ac_guard"].status == "passed"
     # Inductor rewrote them: each adapted layer's base product and LoRA's two products, and the rest
     assert torch._dynamo.utils.counters["inductor"]["decompose_mm"] - decompositions >= 8
-    two_rows = [e for e in _entries(m, "decode") if e is not one_row[0]]
-    assert two_rows and all(GEMV not in _adapted(e.graphs).meta for e in two_rows)
     assert "matrix-vector products as fused reductions" in str(m.report())
+    two_rows = [_adapted(e.graphs) for e in decode if e is not one_row[0]]
+    assert two_rows and all(g.meta[GEMV].startswith("8 of 8 linear layers see 2 rows") for g in two_rows), \
+        [g.meta.get(GEMV) for g in two_rows]
+    assert all(g.meta["ac_guard"].status == "passed" for g in two_rows)
+
+
+def test_few_row_rewrite_equals_the_product_and_leaves_other_shapes_to_blas():
+    """FewRowProducts on a compiled graph: 2..FEW_ROWS rows (with and without a bias) give x @ W.t() + b to
+    float rounding, and 1 row, FEW_ROWS + 1 rows or a weight dim over the limit are not rewritten."""
+    from adapt_compiler.lowering.gemv import FEW_ROWS, MAX_DIM, FewRowProducts
+
+    def f(x, w, b):
+        return torch.nn.functional.linear(torch.rms_norm(x, (x.shape[-1],)), w) + torch.addmm(b, x, w.t())
+
+    g = torch.Generator().manual_seed(0)
+    cases = [(2, 64, 48, True), (FEW_ROWS, 32, 40, True), (1, 32, 40, False), (FEW_ROWS + 1, 32, 40, False),
+             (4, 32, MAX_DIM + 1, False)]
+    for rows, inner, out, rewritten in cases:
+        x, w, b = (torch.randn(rows, inner, generator=g), torch.randn(out, inner, generator=g),
+                   torch.randn(out, generator=g))
+        torch._dynamo.reset()
+        before = COUNTERS["few_row_products"]
+        got = torch.compile(f, dynamic=False, options={"post_grad_custom_post_pass": FewRowProducts(),
+                                                           "fx_graph_cache": False})(x, w, b)  # the pass runs
+        assert_close(got, f(x, w, b), rtol=1e-5, atol=1e-5, what=f"{rows} rows")
+        assert (COUNTERS["few_row_products"] - before == 2) == rewritten, (rows, inner, out)
 
 
 def test_set_adapter_between_generate_calls_runs_each_adapters_decode_program(compiled):
