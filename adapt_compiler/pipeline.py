@@ -44,7 +44,7 @@ from . import lowering
 from .lowering.auto import EagerUntilCompiled, no_background_compile
 from .lowering.batching import batch_parameter_transforms
 from .lowering.gemv import decode_options
-from .lowering.guard import guard
+from .lowering.guard import TrimAfterFirstStep, guard
 from .lowering.merge import tied_layers
 from .lowering.plan import plan_layers
 from .lowering.pool import insert_pool
@@ -129,7 +129,7 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True, opt
     # always does, so a run's numbers do not change when it switches from eager to compiled
     options = {**({"fallback_random": True} if verify or how == "auto" else {}), **(options or {})} or None
     compiled = lowering.lower(compiled_graph, how, options, memory_budget=budget)
-    served = compiled if not verify else guard(
+    served = TrimAfterFirstStep(compiled) if not verify else guard(
         gm, compiled, lowering.lowering_name("inductor" if how == "auto" else how),
         tensors=lambda: [(f"{a}:{where}.{p}", t) for a, where, p, t in table.tensors()],
         buffers=lambda: [t for t in table.frozen.values() if not isinstance(t, nn.Parameter)],

@@ -212,3 +212,28 @@ def test_set_adapter_between_generate_calls_runs_each_adapters_decode_program(co
     finally:
         m.set_adapter("default")
         m.delete_adapter("other")
+
+
+def test_a_compiled_mixed_decode_gives_each_row_its_adapters_tokens_and_reads_each_calls_names(compiled):
+    """generate(adapter_names=...) with a static cache through the compiled prefill and decode graphs: every
+    row gets its own adapter's PEFT tokens (or the base model's), and a new assignment of names to rows
+    compiles nothing and is not served a previous call's assignment."""
+    m, first, second, root = compiled
+    inputs = prompts()  # 2 rows
+    m.load_adapter(root / "b", "other")
+    try:
+        with first.disable_adapter():
+            base = first.generate(**inputs, max_new_tokens=6, **STATIC)
+        rows = {"default": first.generate(**inputs, max_new_tokens=6, **STATIC),
+                "other": second.generate(**inputs, max_new_tokens=6, **STATIC), "__base__": base}
+        before = None
+        for names in (["default", "other"], ["other", "default"], ["__base__", "other"], ["other", "other"]):
+            ours = m.generate(**inputs, adapter_names=names, max_new_tokens=6, **STATIC)
+            for i, name in enumerate(names):
+                assert torch.equal(ours[i], rows[name][i]), (names, i)
+            before = before or _counts()  # after the first mixed call: its graphs are compiled
+        assert _counts() == before, "new names per row: no capture, no compile"
+        (mixed,) = [v for e in _entries(m, "decode") for (variant, _), v in e.graphs.items() if variant == "mixed"]
+        assert mixed.meta["ac_guard"].status == "passed"
+    finally:
+        m.delete_adapter("other")

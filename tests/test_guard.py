@@ -243,6 +243,23 @@ def test_after_each_checked_first_call_the_freed_memory_is_returned_and_the_refe
     assert released == [True, True] and len(reference_out) == 2
 
 
+def test_unverified_graphs_return_freed_memory_once_per_shape_class_after_the_first_step(monkeypatch):
+    """verify=False: no check, but the compile's garbage (the backward's too, compiled at the user's
+    backward after the first call returns) is returned at the second call of each shape class, once."""
+    from adapt_compiler.lowering import guard as guard_module
+
+    calls = []
+    compiled = lambda x: calls.append(x.shape[0]) or x  # noqa: E731
+    compiled.shape_class = lambda args, kwargs: (min(args[0].shape[0], 2),)
+    released = []
+    monkeypatch.setattr(guard_module, "return_freed_memory", lambda: released.append(len(calls)))
+    served = guard_module.TrimAfterFirstStep(compiled)
+    for rows in (3, 5, 4, 1, 1, 1):  # class 2 three times, then class 1 three times
+        served(torch.randn(rows, 2))
+    assert calls == [3, 5, 4, 1, 1, 1]
+    assert released == [1, 4], "before the second call of each class, not before later ones"
+
+
 def test_return_freed_memory_runs_on_this_platform():
     """The real call (a full collection and, on glibc, malloc_trim) works here and finds the trim."""
     import platform
