@@ -21,9 +21,10 @@ demo: $(STAMP)
 	$(BIN)/adapt-compiler demo
 
 # two workers with one thread each (compiles are single-threaded; the tests' math is tiny); whole files per
-# worker, so module-scoped fixtures that compile are built once; each worker its own Inductor cache (conftest.py)
+# worker, so module-scoped fixtures that compile are built once; each worker its own Inductor cache (conftest.py);
+# heaviest files first (tests/durations.py), not xdist's default of most tests first
 test: $(STAMP)
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # the inner loop: everything but the tests that compile a real model with Inductor (marked slow)
 test-fast: $(STAMP)

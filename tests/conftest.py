@@ -28,3 +28,49 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: compiles AOTInductor packages or Inductor graphs (minutes on 2 CPU cores)")
+    config.addinivalue_line("markers", "real_capture: every capture runs torch.export, never the capture memo "
+                                       "(tests of what capture itself does to the model and its inputs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest test files first (tests/durations.py), for pytest-xdist's whole-file scheduling."""
+    from durations import heaviest_first, load
+
+    items[:] = heaviest_first(items, load())
+
+
+def _memoise_captures():
+    """Captures shared across tests (tests/capture_memo.py); AC_TEST_CAPTURE_MEMO=0 turns it off."""
+    from adapt_compiler import pipeline
+    from capture_memo import memoised
+
+    pipeline._capture = memoised(pipeline._capture)
+
+
+_memoise_captures()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _real_captures_in_marked_modules(request):
+    import capture_memo
+
+    marks = getattr(request.module, "pytestmark", [])
+    marked = any(m.name == "real_capture" for m in (marks if isinstance(marks, list) else [marks]))
+    saved, capture_memo.ENABLED = capture_memo.ENABLED, capture_memo.ENABLED and not marked
+    yield
+    capture_memo.ENABLED = saved
+
+
+@pytest.fixture(autouse=True)
+def _real_captures_in_marked_tests(request, monkeypatch):
+    import capture_memo
+
+    if request.node.get_closest_marker("real_capture"):
+        monkeypatch.setattr(capture_memo, "ENABLED", False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from capture_memo import ENABLED, STATS
+
+    if ENABLED and any(STATS.values()):
+        terminalreporter.write_line(f"capture memo (this process): {STATS}")

@@ -174,6 +174,7 @@ def test_exported_program_matches(family, base, tmp_path):
     assert {k for k in un.state_dict if not k.startswith("ac_")} <= base_names
 
 
+@pytest.mark.real_capture
 def test_export_leaves_the_module_and_model_as_they_were(base):
     before = {k: v.clone() for k, v in base.state_dict().items()}
     m = _adapted(base, {"default": _spec("lora")[1]}, seed=3)

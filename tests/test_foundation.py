@@ -12,6 +12,8 @@ from adapt_compiler.passes import COUNTERS
 from models import image_batch, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 from oracle import assert_close, peft_twin, randomize_
 
+pytestmark = pytest.mark.real_capture  # these tests are about capture itself: no capture memo (conftest.py)
+
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

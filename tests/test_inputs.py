@@ -21,6 +21,8 @@ from adapt_compiler.counters import COUNTERS
 from models import tiny_convnet, tiny_llama, token_batch
 from oracle import assert_close, peft_pair
 
+pytestmark = pytest.mark.real_capture  # these tests are about capture itself: no capture memo (conftest.py)
+
 SPEC = ac.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"])
 
 

@@ -99,6 +99,7 @@ def test_several_named_adapters_match_peft():
     assert_close(m(**batch).logits, pm(**batch).logits, what="re-enabled")
 
 
+@pytest.mark.real_capture
 def test_only_adapter_params_require_grad_and_model_untouched():
     base = tiny_llama()
     before = copy.deepcopy(base.state_dict())

@@ -26,7 +26,7 @@ from torch import fx
 
 from ..counters import COUNTERS
 from ..errors import AdapterError
-from .dynamic import keep_saved_strides_inner_compile, say_no_buffers_donated
+from .dynamic import canonical_size, keep_saved_strides_inner_compile, say_no_buffers_donated
 
 
 class AOTRegion:
@@ -73,23 +73,20 @@ class AOTRegion:
             where[ns] = (i, d)
             hints[ns] = int(a.shape[d])
 
-        def canon(size):
-            return size.node.shape_env.replace(size.node.expr)
-
         # pass 1: one new symbol per export symbol that is a whole dim of some input
         for i, (p, a) in enumerate(zip(self.phs, args)):
             v = p.meta.get("val")
             if isinstance(v, torch.Tensor) and isinstance(a, torch.Tensor):
                 for d, size in enumerate(v.shape):
                     if isinstance(size, torch.SymInt):
-                        e = canon(size)
+                        e = canonical_size(size)
                         if isinstance(e, sympy.Symbol) and e not in new:
                             fresh(e, a, i, d)
 
         def conv(size, a, i, d):
             if not isinstance(size, torch.SymInt):
                 return int(size)
-            expr = canon(size)
+            expr = canonical_size(size)
             if not expr.free_symbols <= set(new):
                 # a dim only known as a product of symbols no input carries alone (e.g. labels
                 # flattened to s97*s38): its own symbol; relations become checked assumptions

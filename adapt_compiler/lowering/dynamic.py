@@ -36,6 +36,13 @@ def compile_whole(gm: fx.GraphModule, options: dict | None):
     return DynamicFromFirstCall(torch.compile(gm, backend=_size_oblivious_inductor(options), dynamic=None), dims)
 
 
+def canonical_size(size):
+    """A symbolic size as its shape env now writes it: the symbol after every replacement export's
+    guards made (a number where one fixed it, e.g. a decode step's batch equal to the static cache's;
+    one representative where two dims were found equal)."""
+    return size.node.shape_env.replace(size.node.expr)
+
+
 def symbolic_input_dims(gm: fx.GraphModule) -> list[tuple[int, ...]]:
     """Per placeholder (the call's flat leaves, in order): the dims the capture left symbolic."""
     dims = []

@@ -38,6 +38,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..counters import COUNTERS
 from ..names import SLOTS
+from .dynamic import canonical_size
 
 GEMV = "ac_gemv"
 ONE_ROW = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
@@ -79,7 +80,7 @@ def _known(size) -> int | None:
     if isinstance(size, int):
         return size
     try:
-        value = size.node.shape_env.replace(size.node.expr)
+        value = canonical_size(size)
     except AttributeError:
         return None
     return int(value) if value.is_number else None

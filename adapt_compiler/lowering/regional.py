@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ..names import SAVED, SLOTS
 from .aot_region import AOTRegion
+from .dynamic import canonical_size
 
 KEEP_MODULES = ("_guards_fn",)
 
@@ -92,8 +93,7 @@ def _dynamic_dims(v) -> list[tuple[int, str]]:
     out = []
     for d, size in enumerate(v.shape):
         if isinstance(size, torch.SymInt) and not size.node.is_constant():
-            node = size.node
-            out.append((d, str(node.shape_env.replace(node.expr))))
+            out.append((d, str(canonical_size(size))))
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import inspect
 
-import torch
 from torch import fx
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
