@@ -34,6 +34,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from adapt_compiler.pipeline import _get_path
+
 ENABLED = os.environ.get("AC_TEST_CAPTURE_MEMO", "1") != "0"
 STATS = {"hits": 0, "misses": 0, "unkeyable": 0}
 _MEMO: dict = {}
@@ -134,10 +136,16 @@ def _global_key():
             torch.are_deterministic_algorithms_enabled(), torch.__version__)
 
 
-def _key(model, args, kwargs, training, tensors, root, quant):
+def _key(model, args, kwargs, training, tensors, root):
     stand_ins = tuple(sorted((k, _tensor_facts(t)) for k, t in (tensors or {}).items()))
-    return (_global_key(), _model_key(model), _inputs_key(args, kwargs), bool(training), root,
-            stand_ins, repr(sorted((quant or {}).items())))
+    return (_global_key(), _model_key(model), _inputs_key(args, kwargs), bool(training), root, stand_ins)
+
+
+def _owned(model) -> dict:
+    """FQN -> every parameter and buffer of the model, tied ones under each of their names."""
+    owned = dict(model.named_parameters(remove_duplicate=False))
+    owned.update(model.named_buffers(remove_duplicate=False))
+    return owned
 
 
 class _Skeleton:
@@ -153,15 +161,14 @@ class _Skeleton:
         """None when the graph reads a tensor of the model under a name that is not its own (a
         rebinding by name could not find this model's): such a capture is not memoised."""
         source = captured.graph_module
-        owned = dict(model.named_parameters(remove_duplicate=False))
-        owned.update(model.named_buffers(remove_duplicate=False))
+        owned = _owned(model)
         theirs = {id(t) for t in owned.values()} | {id(t) for t in (tensors or {}).values()}
         constants, modules = {}, {}
         for node in source.graph.nodes:
             if node.op == "get_attr":
                 if node.target in owned or (tensors and node.target in tensors):
                     continue
-                value = _get(source, node.target)
+                value = _get_path(source, node.target)
                 if id(value) in theirs or isinstance(value, nn.Parameter):
                     return None
                 constants[node.target] = value
@@ -171,14 +178,13 @@ class _Skeleton:
                    captured.training, captured.root, pins)
 
 
-def _bound_copy(cached, model, tensors, root):
+def _bound_copy(cached, model, tensors):
     """The cached capture's graph over this call's tensors (see the module docstring)."""
     from adapt_compiler.capture import Captured
     from adapt_compiler.names import attach
 
     source = cached.graph
-    owned = dict(model.named_parameters(remove_duplicate=False))
-    owned.update(model.named_buffers(remove_duplicate=False))
+    owned = _owned(model)
     holder = nn.Module()
     for node in source.nodes:
         if node.op == "get_attr":
@@ -195,15 +201,8 @@ def _bound_copy(cached, model, tensors, root):
     return Captured(gm, cached.in_spec, cached.static_dims, cached.training, cached.root)
 
 
-def _get(module, path):
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def memoised(capture):
     """`capture` (adapt_compiler.capture.capture's signature) with the memo in front of it."""
-
     from adapt_compiler.quant import known_layers
 
     @functools.wraps(capture)
@@ -212,7 +211,7 @@ def memoised(capture):
             return capture(model, args, kwargs, training, tensors, root, quant)
         _PINS.clear()
         try:
-            key = _key(model, tuple(args), dict(kwargs), training, tensors, root, quant)
+            key = _key(model, tuple(args), dict(kwargs), training, tensors, root)
             hash(key)
             pins = list(_PINS)
         except Exception:  # noqa: BLE001 - something the key cannot describe: a real capture
@@ -221,7 +220,7 @@ def memoised(capture):
         cached = _MEMO.get(key)
         if cached is not None:
             STATS["hits"] += 1
-            return _bound_copy(cached, model, tensors, root)
+            return _bound_copy(cached, model, tensors)
         STATS["misses"] += 1
         captured = capture(model, args, kwargs, training, tensors, root, quant)
         skeleton = _Skeleton.of(captured, model, tensors, pins)

@@ -54,8 +54,7 @@ _memoise_captures()
 def _real_captures_in_marked_modules(request):
     import capture_memo
 
-    marks = getattr(request.module, "pytestmark", [])
-    marked = any(m.name == "real_capture" for m in (marks if isinstance(marks, list) else [marks]))
+    marked = request.node.get_closest_marker("real_capture") is not None  # the module's pytestmark
     saved, capture_memo.ENABLED = capture_memo.ENABLED, capture_memo.ENABLED and not marked
     yield
     capture_memo.ENABLED = saved
