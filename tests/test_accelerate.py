@@ -31,6 +31,10 @@ def _loop(acc, module, params, batch, steps=3):
     return module, losses
 
 
+# real captures: in one full run (4b7a683, 2 workers) this test's first loss differed from PEFT's by 2.5e-5
+# relative (its bound is 1e-5) and it passed alone, with and without the capture memo, and in the run before;
+# the cause is not found, so the memo is kept out of it until it is
+@pytest.mark.real_capture
 def test_accelerate_loop_matches_peft_and_state_round_trips(tmp_path):
     base = tiny_lm()
     base.config.use_cache = False  # a training forward with the cache on returns a DynamicCache (see README)
