@@ -114,21 +114,38 @@ def _inputs_key(args, kwargs):
     return str(spec), tuple(_tensor_facts(x) if isinstance(x, torch.Tensor) else _value(x) for x in leaves)
 
 
+def _json_native(context, depth: int = 0) -> bool:
+    """A pytree context made only of JSON values: what it says about the object is all there is to it."""
+    if context is None or isinstance(context, (bool, int, float, str)):
+        return True
+    if depth > 20:
+        return False
+    if isinstance(context, (list, tuple)):
+        return all(_json_native(c, depth + 1) for c in context)
+    if isinstance(context, dict):
+        return all(isinstance(k, (str, int)) and _json_native(v, depth + 1) for k, v in context.items())
+    return False
+
+
 def _plain_inputs(args, kwargs) -> bool:
-    """Inputs made only of tensors, Python scalars and the builtin containers. Quantized layers'
-    operands are not tensors of the model, and a KV cache (an input rule of capture.py) carries
-    state its pytree leaves may not show: those calls are always captured for real."""
+    """Inputs whose pytree spec says everything the capture depends on besides the leaves' facts: tensors,
+    Python scalars, the builtin containers, and registered nodes whose context is plain JSON. A
+    transformers KV cache is such a node (transformers' exporter flatten writes its Python state, layer
+    types, `is_initialized`, `is_updated`, into the context, so str(spec) names it by value), and so is a
+    ModelOutput (`encoder_outputs`). Quantized layers' operands are not tensors of the model: those calls
+    are always captured for real (see `memoised`)."""
     from adapt_compiler.capture import _rules_for
 
-    if _rules_for(args, kwargs):
-        return False
+    _rules_for(args, kwargs)  # the KV cache rule registers the cache classes as pytree nodes first
     leaves, spec = pytree.tree_flatten((args, kwargs))
     plain = (type(None), bool, int, float, str, torch.Tensor)
 
-    def containers_only(node) -> bool:
-        return node.type in (None, tuple, list, dict) and all(containers_only(c) for c in node.children())
+    def described(node) -> bool:
+        if node.type not in (None, tuple, list, dict) and not _json_native(node.context):
+            return False
+        return all(described(c) for c in node.children())
 
-    return containers_only(spec) and all(isinstance(x, plain) for x in leaves)
+    return described(spec) and all(isinstance(x, plain) for x in leaves)
 
 
 def _global_key():

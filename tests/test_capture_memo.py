@@ -85,3 +85,37 @@ def test_a_class_is_keyed_by_identity_and_kept_alive():
     got = memo_capture(minus, (x,), {}, False)  # same attributes, another class: a fresh capture
     with torch.no_grad():
         torch.testing.assert_close(got.graph_module(x), minus(x))
+
+
+def _decode_call(model, cache_cls):
+    """A one-token decode call over a cache filled by a 6-token prefill (the inputs generate() passes)."""
+    from transformers import DynamicCache, StaticCache
+
+    cache = DynamicCache(config=model.config) if cache_cls == "dynamic" else StaticCache(config=model.config,
+                                                                                         max_cache_len=16)
+    ids = token_batch(seq=6)["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return {"input_ids": ids[:, -1:], "cache": cache, "position_ids": torch.full((2, 1), 6)}
+
+
+def test_a_kv_cache_call_hits_by_the_caches_state_and_runs_the_new_models_weights():
+    """A KV cache is a pytree node whose context is its Python state as plain JSON (transformers'
+    exporter flatten): a second model's decode call with a cache in the same state hits and runs that
+    model's weights; a cache of another kind or state misses."""
+    first, second = tiny_llama(seed=4), tiny_llama(seed=5)
+    first.config.use_cache = second.config.use_cache = True
+    memo_capture(first, (), _decode_call(first, "dynamic"), False)
+    hits, misses = capture_memo.STATS["hits"], capture_memo.STATS["misses"]
+    call = _decode_call(second, "dynamic")
+    got = memo_capture(second, (), call, False)
+    assert capture_memo.STATS["hits"] == hits + 1
+    with torch.no_grad():
+        want = second(**_decode_call(second, "dynamic")).logits
+        out = _logits(_run(got, call))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    memo_capture(second, (), _decode_call(second, "static"), False)  # another cache kind: another graph
+    empty = {"input_ids": token_batch(seq=6)["input_ids"], "cache": _decode_call(second, "dynamic")["cache"]}
+    empty["cache"].crop(0)  # layers initialised, no tokens: a prefill over an initialised cache
+    memo_capture(second, (), empty, False)
+    assert capture_memo.STATS["misses"] == misses + 2 and capture_memo.STATS["hits"] == hits + 1
