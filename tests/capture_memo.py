@@ -13,9 +13,10 @@ parameter or buffer reads this model's (or the frozen stand-in the caller passed
 export would; only the constants that export lifted out of the forward come from the first
 capture, and those are hashed into the key when they come from a module attribute.
 
-Anything the key cannot describe by value (an unknown object held by a module, a hook, an input
-that is not a tensor or a plain scalar) is keyed by its identity, so such a capture is memoised
-only for that very object: a miss, never a wrong hit. `AC_TEST_CAPTURE_MEMO=0` turns it off, for
+Anything the key cannot describe by value (an unknown object held by a module, a hook) is keyed by
+its identity, so such a capture is memoised only for that very object: a miss, never a wrong hit.
+A call whose inputs the key cannot describe (a leaf that is not a tensor or a plain scalar, a
+pytree node whose context is not plain JSON) and a quantized model are always captured for real. `AC_TEST_CAPTURE_MEMO=0` turns it off, for
 a run that exports every capture as a user's process does. Tests of the capture itself still run
 it: every first key in a worker is a real export, and COUNTERS["captures"] counts calls of the
 pipeline's capture, above this memo.
@@ -134,9 +135,9 @@ def _plain_inputs(args, kwargs) -> bool:
     types, `is_initialized`, `is_updated`, into the context, so str(spec) names it by value), and so is a
     ModelOutput (`encoder_outputs`). Quantized layers' operands are not tensors of the model: those calls
     are always captured for real (see `memoised`)."""
-    from adapt_compiler.capture import _rules_for
+    from adapt_compiler.integrations.kv_cache import register_cache_pytrees
 
-    _rules_for(args, kwargs)  # the KV cache rule registers the cache classes as pytree nodes first
+    register_cache_pytrees()  # as capture does first: a cache flattens to its tensors, not one opaque leaf
     leaves, spec = pytree.tree_flatten((args, kwargs))
     plain = (type(None), bool, int, float, str, torch.Tensor)
 
