@@ -12,6 +12,8 @@ Rows (greedy, same LoRA r=16 on q/k/v/o, float32):
   peft merged+compile  merge_and_unload() + generate(cache_implementation="static"): HF torch.compiles the
                   decode forward itself for a static cache
   ours mixed8     batch 8 only: 8 different adapters, one per row (adapter_names=), vs "ours" at batch 8
+  ours pool8      the same 8 adapters in a serving pool (max_adapters=8, max_rank=16: stacked once, not per
+                  call), one per row, vs "ours" at batch 8
 Decode tokens/s = batch * (new - 1) / (time(new tokens) - time(1 token)): the prefill cancels out. Every
 row gets one warm-up call (captures/compiles) first; then the rows are timed in turns, --repeats rounds
 of (1 token, `new` tokens) per row, and each row's median is reported, so a change in the machine's load
@@ -107,8 +109,10 @@ def main(quick: bool = False, prompt: int = 128, new: int = 128, batches=(1, 8),
         pm = PeftModel.from_pretrained(copy.deepcopy(model), dirs[0]).eval()
         pm_merged = PeftModel.from_pretrained(copy.deepcopy(model), dirs[0]).merge_and_unload().eval()
         mixed = ac.compile(model, dirs[0], lowering="inductor", adapter_name="a0").eval()
+        pool = ac.compile(model, dirs[0], lowering="inductor", adapter_name="a0", max_adapters=8, max_rank=16).eval()
         for i, d in enumerate(dirs[1:], 1):
             mixed.load_adapter(d, f"a{i}")
+            pool.load_adapter(d, f"a{i}")
         for batch in batches:
             ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
             rows = {
@@ -118,10 +122,13 @@ def main(quick: bool = False, prompt: int = 128, new: int = 128, batches=(1, 8),
                 "peft merged+compile": (pm_merged.generate, static),
             }
             if batch == 8:
-                rows["ours mixed8"] = (mixed.generate, dict(static, adapter_names=[f"a{i}" for i in range(8)]))
+                names = [f"a{i}" for i in range(8)]
+                rows["ours mixed8"] = (mixed.generate, dict(static, adapter_names=names))
+                rows["ours pool8"] = (pool.generate, dict(static, adapter_names=names))
             row = decode_tokens_per_s(rows, ids, new, repeats, clock)
             if batch == 8:
                 row["ours mixed8 / ours"] = row["ours mixed8"] / row["ours"]
+                row["ours pool8 / ours"] = row["ours pool8"] / row["ours"]
             row["ours / ours merged"] = row["ours"] / row["ours merged"]
             row["ours / peft"] = row["ours"] / row["peft"]
             row["ours / peft merged+compile"] = row["ours"] / row["peft merged+compile"]
