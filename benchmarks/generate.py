@@ -109,7 +109,8 @@ def main(quick: bool = False, prompt: int = 128, new: int = 128, batches=(1, 8),
         pm = PeftModel.from_pretrained(copy.deepcopy(model), dirs[0]).eval()
         pm_merged = PeftModel.from_pretrained(copy.deepcopy(model), dirs[0]).merge_and_unload().eval()
         mixed = ac.compile(model, dirs[0], lowering="inductor", adapter_name="a0").eval()
-        pool = ac.compile(model, dirs[0], lowering="inductor", adapter_name="a0", max_adapters=8, max_rank=16).eval()
+        pool = ac.compile(model, dirs[0], lowering="inductor", adapter_name="a0",
+                          max_adapters=8, max_rank=16).eval()
         for i, d in enumerate(dirs[1:], 1):
             mixed.load_adapter(d, f"a{i}")
             pool.load_adapter(d, f"a{i}")

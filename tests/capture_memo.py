@@ -16,10 +16,10 @@ capture, and those are hashed into the key when they come from a module attribut
 Anything the key cannot describe by value (an unknown object held by a module, a hook) is keyed by
 its identity, so such a capture is memoised only for that very object: a miss, never a wrong hit.
 A call whose inputs the key cannot describe (a leaf that is not a tensor or a plain scalar, a
-pytree node whose context is not plain JSON) and a quantized model are always captured for real. `AC_TEST_CAPTURE_MEMO=0` turns it off, for
-a run that exports every capture as a user's process does. Tests of the capture itself still run
-it: every first key in a worker is a real export, and COUNTERS["captures"] counts calls of the
-pipeline's capture, above this memo.
+pytree node whose context is not plain JSON) and a quantized model are always captured for real.
+`AC_TEST_CAPTURE_MEMO=0` turns it off, for a run that exports every capture as a user's process
+does. Tests of the capture itself still run it: every first key in a worker is a real export, and
+COUNTERS["captures"] counts calls of the pipeline's capture, above this memo.
 """
 
 from __future__ import annotations
