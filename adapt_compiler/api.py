@@ -135,6 +135,7 @@ def compile(model: nn.Module, spec, *, merge: bool = False, example_inputs=None,
     if cache_dir is not None and (compile_cache or compile_caches.present(cache_dir)):
         # before the first compile: the graphs compiled at the first call find their cache entries
         m._compile_cache_line = compile_caches.load(cache_dir, m.table, m._compile_options(), trusted=compile_cache)
+    m._start_cpu_setup()  # runs while the caller builds its optimizer and data, and while it captures
     if example_inputs is not None:
         args, kwargs = _split_inputs(example_inputs)
         m.capture(args, kwargs)

@@ -299,6 +299,9 @@ def present(directory) -> bool:
     return any((Path(directory) / name).is_file() for name in (KEY_NAME, CACHE_NAME, KERNELS_NAME))
 
 
+LOADED = "compile cache: loaded"  # how load()'s report line starts when the cache was loaded
+
+
 def load(directory, table, options: dict, trusted: bool) -> str:
     """Load the cache in `directory` if its key matches; returns the report line saying what happened."""
     where = Path(directory)
@@ -324,7 +327,7 @@ def load(directory, table, options: dict, trusted: bool) -> str:
                 cpp = f", {restored} C++ kernels" if kernels is not None else ""
                 table.verified = _verdicts(where)
                 checked = f"; {len(table.verified)} guard verdicts" if table.verified else ""
-                return f"compile cache: loaded {n} artifacts ({shown}{cpp}{checked}) from {where}"
+                return f"{LOADED} {n} artifacts ({shown}{cpp}{checked}) from {where}"
     line = f"compile cache: {where / CACHE_NAME} ignored: {why}"
     warnings.warn(line, CompileCacheWarning, stacklevel=3)
     return line

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import itertools
 import weakref
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from torch import fx, nn
 
 from . import checkpoint, formats, pipeline
 from .capture import Captured, compiled_flat, fits, memo_key, signature
+from .compile_cache import LOADED as COMPILE_CACHE_LOADED
 from .compile_cache import check_flag, files_to_save
 from .counters import COUNTERS
 from .errors import AdapterError
@@ -42,6 +44,7 @@ from .lowering.gemv import GEMV
 from .lowering.lifted import LIFTED
 from .lowering.mixed import check_adapter_names
 from .lowering.plan import decisions_of
+from .lowering.prewarm import start_cpu_setup
 from .lowering.pool import AdapterPool, pool_indices
 from .lowering.slots import AdapterSlot, SavedModuleSlot
 from .names import slot_key
@@ -519,6 +522,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
             if fits(entry.captured, args, kwargs):
                 return entry
         mode = "train" if self.training else "eval"
+        self._start_cpu_setup()  # if ac.compile has not: overlaps Inductor's set-up with this capture
         if isinstance(root, str):
             what = type(self._model).__name__ + (f".{root}" if root else "")
             with status(f"capturing {what} ({mode}) with torch.export"):
@@ -532,6 +536,14 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         entries.append(entry)
         COUNTERS["captures"] += 1
         return entry
+
+    def _start_cpu_setup(self) -> None:
+        """Start Inductor's once-per-process CPU set-up in a background thread (lowering/prewarm.py) when
+        this module's graphs will be compiled for the CPU; a loaded compile cache holds the kernels, so
+        then only the ISA probe (no kernel compile, no header to build)."""
+        on_cpu = any(t.device.type == "cpu" for t in itertools.islice(self.table.frozen.values(), 1))
+        if self.lowering in ("inductor", "regional", "auto") and on_cpu:
+            start_cpu_setup(kernels=not (self._compile_cache_line or "").startswith(COMPILE_CACHE_LOADED))
 
     def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:
         key = self._graph_key(variant)

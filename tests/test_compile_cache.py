@@ -364,6 +364,17 @@ def test_cache_is_loaded_only_when_asked(saved, no_load):
     assert no_load == []
 
 
+def test_a_loaded_cache_starts_only_the_isa_probe(saved, tmp_path, monkeypatch):
+    """Its kernels are restored, not compiled: the CPU set-up thread (lowering/prewarm.py) skips the
+    trivial kernel that builds Inductor's precompiled header. A cache that is not loaded (not trusted)
+    leaves the kernels to compile, so the thread compiles that kernel too."""
+    calls = []
+    monkeypatch.setattr("adapt_compiler.module.start_cpu_setup", lambda kernels=True: calls.append(kernels))
+    _module(_copy(saved, tmp_path), compile_cache=True)
+    _module(saved["dir"])
+    assert calls == [False, True]
+
+
 def test_bad_compile_cache_arguments_are_refused_by_name(saved, tmp_path):
     m = saved["m"]
     with pytest.raises(AdapterError, match="compile_cache='yes' must be True or False"):
