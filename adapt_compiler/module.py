@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import itertools
 import weakref
 from dataclasses import dataclass, field
 
@@ -541,8 +540,7 @@ class AdaptedModule(DiffusersModelAttributes, HFModelAttributes, GenerationSuppo
         """Start Inductor's once-per-process CPU set-up in a background thread (lowering/prewarm.py) when
         this module's graphs will be compiled for the CPU; a loaded compile cache holds the kernels, so
         then only the ISA probe (no kernel compile, no header to build)."""
-        on_cpu = any(t.device.type == "cpu" for t in itertools.islice(self.table.frozen.values(), 1))
-        if self.lowering in ("inductor", "regional", "auto") and on_cpu:
+        if self.lowering in ("inductor", "regional", "auto") and self.device.type == "cpu":
             start_cpu_setup(kernels=not (self._compile_cache_line or "").startswith(COMPILE_CACHE_LOADED))
 
     def _graph(self, entry: _Entry, variant: str) -> fx.GraphModule:

@@ -8,9 +8,9 @@ depend on the graph, on the critical path of the first step, after the capture:
 * the precompiled header of every CPU kernel (`cpp_prefix.h`, built at the first kernel's compile;
   it is what makes each later kernel compile about 3.7 s cheaper).
 
-So the first capture of a graph to be compiled for the CPU starts them in a thread: the probe, then
-one trivial kernel compiled through Inductor's own code cache with the flags every kernel gets, which
-builds that header. g++ runs on the other core while this thread traces (the thread holds the GIL only
+So `ac.compile` of a module whose graphs Inductor compiles for the CPU (or, failing that, its first
+capture) starts them in a thread: the probe, then one trivial kernel compiled through Inductor's own
+code cache with the flags every kernel gets, which builds that header. g++ runs on the other core while this thread traces (the thread holds the GIL only
 between subprocesses), and `wait()` joins it before the first compile. With a warm cache dir both
 are file lookups (0.6 s). Measured in benchmarks/first_step.py (README, "Time to first step").
 
