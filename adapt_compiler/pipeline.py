@@ -41,7 +41,7 @@ from .capture import capture as _capture
 from .names import POOL, SAVED, SLOTS, attach, graph_target
 from .passes import GraphMethod, insert_weight_adapters, method_for, redirect_saved_modules
 from . import lowering
-from .lowering import prewarm
+from .lowering import half_gemm, prewarm
 from .lowering.auto import EagerUntilCompiled, no_background_compile
 from .lowering.batching import batch_parameter_transforms
 from .lowering.gemv import decode_options
@@ -129,6 +129,8 @@ def lower(gm: fx.GraphModule, how, table: AdapterTable, verify: bool = True, opt
     # the check can compare training graphs with dropout, and a seed gives PEFT's masks; "auto"
     # always does, so a run's numbers do not change when it switches from eager to compiled
     options = {**({"fallback_random": True} if verify or how == "auto" else {}), **(options or {})} or None
+    if how in ("inductor", "regional", "auto"):  # half-precision products on a CPU slow for them
+        options = half_gemm.inductor_options(gm, options)
     prewarm.wait()  # Inductor's CPU set-up, started at the capture (lowering/prewarm.py)
     compiled = lowering.lower(compiled_graph, how, options, memory_budget=budget)
     served = TrimAfterFirstStep(compiled) if not verify else guard(

@@ -32,6 +32,7 @@ shrinks. Results: benchmarks/results_qlora.json and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -39,9 +40,12 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.phases import Phases
 
 HERE = Path(__file__).parent
 MODES = ("ours-bf16", "ours-nf4", "peft-bf16", "peft-nf4")
@@ -275,7 +279,9 @@ def child(args) -> dict:
     _malloc_trim()
     rss_ready = _rss_mb()
     wall, cpu, peaks, rest = [], [], [], []
-    with _PeakSampler() as sampler:
+    # a compiled lowering: where the first step's time goes (capture, passes, AOTAutograd + Inductor, ...)
+    phases = Phases() if who == "ours" and args.lowering != "eager" else contextlib.nullcontext()
+    with _PeakSampler() as sampler, phases:
         for _ in range(args.steps):
             sampler.step_peak = _rss_mb()
             t, c = time.perf_counter(), time.process_time()
@@ -286,6 +292,8 @@ def child(args) -> dict:
             gc.collect()
             _malloc_trim()
             rest.append(round(_rss_mb()))  # what stays after the step (ours: the capture's graph)
+            if isinstance(phases, Phases) and len(wall) == 1:
+                first_phases = phases.seconds()
     result = dict(mode=args.child, malloc=os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
                   layers=args.layers, hidden=args.hidden, seq=args.seq, lowering=args.lowering if who == "ours" else "",
                   params_M=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -294,6 +302,8 @@ def child(args) -> dict:
                   ru_maxrss_MB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                   build_s=round(build_s, 1), step_wall_s=[round(x, 2) for x in wall],
                   step_cpu_s=[round(x, 2) for x in cpu], loss=round(loss, 4))
+    if isinstance(phases, Phases):
+        result["first_step_phases_s"] = first_phases  # {phase: (wall, cpu)}
     if args.profile:
         result["profile"] = _profile_step(step, args.r, args.vocab)
     if args.tensors:
@@ -384,6 +394,7 @@ def _run_child(args, mode: str, malloc: str | None) -> dict:
     if malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = malloc
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qlora_inductor_")  # a cold compile in every child
     cmd = [sys.executable, "-m", "benchmarks.qlora_memory", "--child", mode, "--layers", str(args.layers),
            "--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads),
            "--vocab", str(args.vocab), "--seq", str(args.seq), "--steps", str(args.steps), "--r", str(args.r),
@@ -435,7 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lowering", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--lowering", default="eager", choices=["eager", "inductor", "regional"])
     p.add_argument("--profile", action="store_true", help="also profile one step per mode (where the time goes)")
     p.add_argument("--timeout", type=int, default=7200)
     p.add_argument("--out", default=str(HERE / "results_qlora.json"))

@@ -12,6 +12,7 @@
     auto.py       lowering="auto": eager calls while the whole graph compiles in a background thread
     step.py       graphs compiled over flat leaves (calls that carry a KV cache: the decode step)
     gemv.py       one-row CPU linear layers (batch-1 decode) as fused reductions, not BLAS GEMV
+    half_gemm.py  bf16/fp16 products on a CPU without native support: never both operands row-major
     prewarm.py    Inductor's once-per-process CPU set-up, in a thread while the first capture runs
     backend.py    the torch.compile backend (PEFT models and plain models with ac.backend(...))
     kernels/      Triton kernels with pure-torch references

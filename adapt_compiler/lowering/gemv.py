@@ -122,6 +122,9 @@ class FewRowProducts(CustomGraphPass):
     def uuid(self):
         return get_hash_for_files((__file__,))
 
+    def __repr__(self):  # options are fingerprinted by repr (lowering/guard.py): no object address
+        return "FewRowProducts()"
+
 
 def _rewrite_few_rows(graph: fx.Graph, node: fx.Node) -> bool:
     if node.op != "call_function" or node.kwargs:
