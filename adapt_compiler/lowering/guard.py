@@ -91,9 +91,8 @@ def coarsest_tolerance(gm) -> float:
     float32 adapter gradient over a bfloat16 base is computed from bfloat16 activations, and Inductor
     rounds them at other points than eager does (it computes bf16 pointwise ops in float32), so it
     differs from eager's by bf16's error, not float32's (seen: 1 % on a 2-layer bf16 Llama)."""
-    values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    values += [*gm.parameters(), *gm.buffers()]
-    return max((TOLERANCE.get(v.dtype, 0.0) for v in values if isinstance(v, torch.Tensor)), default=0.0)
+    return max((TOLERANCE.get(v.dtype, 0.0) for v in half_gemm.graph_tensors(gm) if isinstance(v, torch.Tensor)),
+               default=0.0)
 
 
 @functools.cache
@@ -337,6 +336,7 @@ class GuardedGraph:
         ref = [t.detach().clone() if t.untyped_storage().data_ptr() in mutable else t.detach() for t in ref]
         del ref_out  # the reference's autograd graph: freed before the candidate runs
         candidates = [(self.lowering, self.fn), *self.fallbacks]
+        tolerance = coarsest_tolerance(self.gm)
         first_bad = None
         for i, (name, fn) in enumerate(candidates):
             if i:
@@ -349,7 +349,7 @@ class GuardedGraph:
             if ref_grads is not None:
                 pairs += [(f"grad {label}", g, r) for (label, _), g, r in zip(labelled, got or [None] * len(params),
                                                                           ref_grads)]
-            worst, bad = _compare(pairs, coarsest_tolerance(self.gm))
+            worst, bad = _compare(pairs, tolerance)
             if not bad:
                 self.fn, self.lowering = fn, name
                 self._record(Verdict("passed" if i == 0 else "mismatch", name, len(pairs), worst,

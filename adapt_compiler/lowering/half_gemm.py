@@ -46,6 +46,7 @@ WORKAROUND = ("half-precision GEMM on a CPU without native bf16/fp16 (pytorch#14
               "operands row-major read one through a column-major copy")
 # op -> indices of (left, right) operands
 _PRODUCTS = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2)}
+_DECIDED = "ac_slow_half_gemm"  # gm.meta: needs_rewrite's answer
 
 
 @functools.cache
@@ -70,17 +71,22 @@ def _both_row_major(a, b) -> bool:
             and a.stride(-1) == 1 and b.stride(-1) == 1 and a.stride(0) != 1 and b.stride(0) != 1)
 
 
+def graph_tensors(gm: fx.GraphModule) -> list:
+    """The tensors `gm` computes with: its placeholders' values (fake, from the capture) and its attributes."""
+    return [*(n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"), *gm.parameters(), *gm.buffers()]
+
+
 def needs_rewrite(gm: fx.GraphModule) -> bool:
     """Whether `gm` computes in a half dtype on a CPU that is slow for it (module docstring): its
-    tensors (placeholders' and attributes' values) tell. Records the decision in meta["ac_workarounds"]."""
-    values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    values += [t for t in [*gm.parameters(), *gm.buffers()]]
-    hit = any(_slow(v) for v in values)
-    if hit:
-        said = gm.meta.setdefault("ac_workarounds", [])
-        if WORKAROUND not in said:
-            said.append(WORKAROUND)
-    return hit
+    tensors tell. Records the decision in meta["ac_workarounds"], and remembers it (lowering and the
+    guard both ask)."""
+    if _DECIDED not in gm.meta:
+        gm.meta[_DECIDED] = any(_slow(v) for v in graph_tensors(gm))
+        if gm.meta[_DECIDED]:
+            said = gm.meta.setdefault("ac_workarounds", [])
+            if WORKAROUND not in said:
+                said.append(WORKAROUND)
+    return gm.meta[_DECIDED]
 
 
 # -- compiled lowerings ------------------------------------------------------------------------------
