@@ -26,6 +26,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide AcceleratorState: the first Accelerator's settings (a Trainer's, an
+    SFTConfig's default bf16 mixed precision) stay for every later Accelerator() that does not name them. A test
+    that left bf16 there made a later float32 loop autocast (test_accelerate read a 2.5e-5 relative loss gap)."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: compiles AOTInductor packages or Inductor graphs (minutes on 2 CPU cores)")
     config.addinivalue_line("markers", "real_capture: every capture runs torch.export, never the capture memo "
