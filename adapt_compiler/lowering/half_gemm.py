@@ -66,9 +66,13 @@ def _slow(t) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in HALF and slow_half_gemm(t.dtype)
 
 
-def _both_row_major(a, b) -> bool:
-    return (_slow(a) and _slow(b) and a.dim() == 2 and b.dim() == 2
-            and a.stride(-1) == 1 and b.stride(-1) == 1 and a.stride(0) != 1 and b.stride(0) != 1)
+def _operand_to_flip(at: tuple[int, int], a, b) -> int | None:
+    """The argument index (of `at`, the product's operand indices) to read column-major: the smaller of
+    `a` and `b` when both are slow half-precision row-major matrices, else None."""
+    if not (_slow(a) and _slow(b) and a.dim() == 2 and b.dim() == 2
+            and a.stride(-1) == 1 and b.stride(-1) == 1 and a.stride(0) != 1 and b.stride(0) != 1):
+        return None
+    return at[0] if _numel_hint(a) <= _numel_hint(b) else at[1]
 
 
 def graph_tensors(gm: fx.GraphModule) -> list:
@@ -78,14 +82,14 @@ def graph_tensors(gm: fx.GraphModule) -> list:
 
 def needs_rewrite(gm: fx.GraphModule) -> bool:
     """Whether `gm` computes in a half dtype on a CPU that is slow for it (module docstring): its
-    tensors tell. Records the decision in meta["ac_workarounds"], and remembers it (lowering and the
-    guard both ask)."""
+    tensors tell, scanned once (lowering and the guard both ask). Records the decision in
+    meta["ac_workarounds"] on every call: pipeline.lower resets that list before each lowering."""
     if _DECIDED not in gm.meta:
         gm.meta[_DECIDED] = any(_slow(v) for v in graph_tensors(gm))
-        if gm.meta[_DECIDED]:
-            said = gm.meta.setdefault("ac_workarounds", [])
-            if WORKAROUND not in said:
-                said.append(WORKAROUND)
+    if gm.meta[_DECIDED]:
+        said = gm.meta.setdefault("ac_workarounds", [])
+        if WORKAROUND not in said:
+            said.append(WORKAROUND)
     return gm.meta[_DECIDED]
 
 
@@ -116,10 +120,9 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> bool:
     at = _PRODUCTS[node.target]
     if len(node.args) <= max(at) or not all(isinstance(node.args[i], fx.Node) for i in at):
         return False
-    a, b = (node.args[i].meta.get("val") for i in at)
-    if not _both_row_major(a, b):
+    which = _operand_to_flip(at, *(node.args[i].meta.get("val") for i in at))
+    if which is None:
         return False
-    which = at[0] if _numel_hint(a) <= _numel_hint(b) else at[1]
     operand = node.args[which]
     with graph.inserting_before(node):
         flipped = graph.call_function(aten.permute.default, (operand, [1, 0]))
@@ -153,10 +156,9 @@ class _ColumnMajorMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _PRODUCTS:
             at = _PRODUCTS[func]
-            a, b = (args[i] for i in at)
-            if _both_row_major(a, b):
+            which = _operand_to_flip(at, *(args[i] for i in at))
+            if which is not None:
                 args = list(args)
-                which = at[0] if a.numel() <= b.numel() else at[1]
                 args[which] = args[which].t().contiguous().t()
                 COUNTERS["column_major_operands"] += 1
         return func(*args, **(kwargs or {}))
