@@ -3,6 +3,8 @@
     python -m benchmarks.bf16_cpu              # every row, each in a fresh process; writes results_bf16_cpu.json
     python -m benchmarks.bf16_cpu --steps 3    # fewer steps per row
 
+Each row runs in a child (benchmarks/child.run_child): a new Inductor cache dir, compile threads 1.
+
 Model: a Llama-shaped config (hidden 1024, intermediate 2816, 4 layers, 16 heads, vocab 8000) in bf16 with
 random weights; LoRA r=8, alpha 16 on q/k/v/o in float32 (PEFT's default autocast); AdamW; batch 1 x 128
 tokens with labels. Rows:
@@ -22,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.child import run_child
 
 HERE = Path(__file__).parent
 ROWS = ("ours", "ours, no rewrite", "peft", "peft + compile")
@@ -72,21 +75,19 @@ def child(row: str, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["one"]:  # a child (benchmarks/child.py): one row, its result as the last JSON line
+        row, steps = argv[1], int(argv[2])
+        print(json.dumps(child(row, steps)), flush=True)
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--child")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results_bf16_cpu.json"))
     args = p.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps)), flush=True)
-        return 0
     results = []
     for row in ROWS:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="bf16_cpu_"))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bf16_cpu", "--child", row, "--steps", str(args.steps)],
-                              env=env, cwd=HERE.parent, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        res = json.loads(lines[0][len("RESULT "):]) if lines else {"row": row, "error": proc.stderr.strip()[-500:]}
+        res = run_child("benchmarks.bf16_cpu", [row, str(args.steps)], tempfile.mkdtemp(prefix="bf16_cpu_"),
+                        {"row": row})
         print(json.dumps(res), flush=True)
         results.append(res)
     steady = {r["row"]: sorted(r["step_wall_s"][1:])[len(r["step_wall_s"][1:]) // 2] for r in results
